@@ -1,0 +1,312 @@
+//! Opening a server connection and logging in as the client's user.
+//!
+//! Reprise answers the server's authentication request itself, with the
+//! password the users file holds for that user: cleartext, MD5 or
+//! SCRAM-SHA-256 (postgres-protocol's client). A refusal by the server is
+//! kept as the server's own ErrorResponse frame, so that the client gets
+//! exactly what PostgreSQL said.
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use postgres_protocol::authentication::{md5_hash, sasl};
+use postgres_protocol::message::{backend, frontend};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::config::{Backend, Keepalive};
+use crate::users::Password;
+use crate::wire::frame::{self, Next};
+use crate::wire::startup::StartupMessage;
+use crate::wire::{backend as server_msg, startup};
+
+/// A logged-in server connection, positioned after its first ReadyForQuery.
+#[derive(Debug)]
+pub struct ServerConnection {
+    pub stream: TcpStream,
+    /// The configured backend this connection goes to.
+    pub backend: Backend,
+    pub process_id: i32,
+    pub secret_key: i32,
+    /// ParameterStatus and NoticeResponse frames of the handshake, in the
+    /// order the server sent them, for the client.
+    pub greeting: BytesMut,
+    /// The ReadyForQuery frame that ended the handshake.
+    pub ready: Bytes,
+    /// Bytes the server sent after ReadyForQuery in the same read (a
+    /// notification, say); they belong to the steady state.
+    pub pending: BytesMut,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("could not connect to server \"{backend}\" at {address}: {source}")]
+    Unreachable {
+        backend: String,
+        address: String,
+        source: std::io::Error,
+    },
+    #[error("timed out after {after:?} connecting to server \"{backend}\" at {address}")]
+    Timeout {
+        backend: String,
+        address: String,
+        after: Duration,
+    },
+    /// The server said no; the frame is its ErrorResponse, verbatim.
+    #[error("server refused the connection: {}", .summary.message)]
+    Refused {
+        frame: Bytes,
+        summary: server_msg::ErrorSummary,
+    },
+    #[error("server asks for a password for user \"{user}\" ({method}), but the users file has none for that user")]
+    NoPassword { user: String, method: &'static str },
+    #[error("server asks for an authentication method Reprise does not support ({0})")]
+    UnsupportedAuth(&'static str),
+    #[error("SCRAM authentication with the server failed: {0}")]
+    Scram(std::io::Error),
+    #[error("server broke the protocol during startup: {0}")]
+    Protocol(String),
+    #[error("server connection lost during startup: {0}")]
+    Lost(std::io::Error),
+}
+
+/// Connects and logs in, all within `timeout`. Cancel safe in the sense
+/// that dropping the future drops the half-open connection and nothing else.
+pub async fn connect(
+    backend: &Backend,
+    startup: &StartupMessage,
+    password: Option<&Password>,
+    timeout: Duration,
+    keepalive: &Keepalive,
+    max_message_size: usize,
+) -> Result<ServerConnection, ConnectError> {
+    let address = backend.address();
+    let attempt = async {
+        let stream = TcpStream::connect((backend.host.as_str(), backend.port))
+            .await
+            .map_err(|source| ConnectError::Unreachable {
+                backend: backend.name.clone(),
+                address: address.clone(),
+                source,
+            })?;
+        super::socket::tune(&stream, keepalive);
+        handshake(stream, backend, startup, password, max_message_size).await
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(result) => result,
+        Err(_) => Err(ConnectError::Timeout {
+            backend: backend.name.clone(),
+            address,
+            after: timeout,
+        }),
+    }
+}
+
+async fn handshake(
+    mut stream: TcpStream,
+    backend: &Backend,
+    startup: &StartupMessage,
+    password: Option<&Password>,
+    max_message_size: usize,
+) -> Result<ServerConnection, ConnectError> {
+    let user = startup.get_lossy("user").unwrap_or_default();
+    let mut out = BytesMut::new();
+    startup.encode_for_server(&mut out);
+    stream.write_all(&out).await.map_err(ConnectError::Lost)?;
+
+    let mut reader = FrameReader::new(max_message_size);
+    let mut greeting = BytesMut::new();
+    let mut key = None;
+    let mut scram: Option<sasl::ScramSha256> = None;
+    loop {
+        let frame = reader.next(&mut stream).await?;
+        match frame[0] {
+            b'R' => {
+                let reply = authenticate(&frame, &user, password, &mut scram)?;
+                if let Some(reply) = reply {
+                    stream.write_all(&reply).await.map_err(ConnectError::Lost)?;
+                }
+            }
+            b'E' => {
+                let summary = server_msg::error_summary(&frame);
+                return Err(ConnectError::Refused { frame, summary });
+            }
+            b'S' | b'N' => greeting.extend_from_slice(&frame),
+            b'K' => {
+                key = Some(
+                    server_msg::backend_key(&frame)
+                        .ok_or_else(|| ConnectError::Protocol("malformed BackendKeyData".to_owned()))?,
+                )
+            }
+            // The server may tell us it does not know a minor version or
+            // option; Reprise always asks for plain 3.0, so there is nothing
+            // to adjust.
+            b'v' => {}
+            b'Z' => {
+                let (process_id, secret_key) =
+                    key.ok_or_else(|| ConnectError::Protocol("ReadyForQuery before BackendKeyData".to_owned()))?;
+                return Ok(ServerConnection {
+                    stream,
+                    backend: backend.clone(),
+                    process_id,
+                    secret_key,
+                    greeting,
+                    ready: frame,
+                    pending: reader.into_rest(),
+                });
+            }
+            other => {
+                return Err(ConnectError::Protocol(format!(
+                    "unexpected message type {:?} during startup",
+                    char::from(other)
+                )))
+            }
+        }
+    }
+}
+
+/// Answers one Authentication message; `None` when no reply is due.
+fn authenticate(
+    frame: &[u8],
+    user: &str,
+    password: Option<&Password>,
+    scram: &mut Option<sasl::ScramSha256>,
+) -> Result<Option<BytesMut>, ConnectError> {
+    let mut buf = BytesMut::from(frame);
+    let message = backend::Message::parse(&mut buf)
+        .map_err(|err| ConnectError::Protocol(format!("malformed authentication request: {err}")))?
+        .ok_or_else(|| ConnectError::Protocol("truncated authentication request".to_owned()))?;
+    let need_password = |method| {
+        password.ok_or_else(|| ConnectError::NoPassword {
+            user: user.to_owned(),
+            method,
+        })
+    };
+    let mut reply = BytesMut::new();
+    let sent = |result: std::io::Result<()>| {
+        result.map_err(|err| ConnectError::Protocol(format!("cannot encode a reply: {err}")))
+    };
+    match message {
+        backend::Message::AuthenticationOk => return Ok(None),
+        backend::Message::AuthenticationCleartextPassword => {
+            let password = need_password("password")?;
+            sent(frontend::password_message(password.expose().as_bytes(), &mut reply))?;
+        }
+        backend::Message::AuthenticationMd5Password(body) => {
+            let password = need_password("md5")?;
+            let hash = md5_hash(user.as_bytes(), password.expose().as_bytes(), body.salt());
+            sent(frontend::password_message(hash.as_bytes(), &mut reply))?;
+        }
+        backend::Message::AuthenticationSasl(body) => {
+            let password = need_password("scram-sha-256")?;
+            let mut mechanisms = body.mechanisms();
+            let mut offers_scram = false;
+            while let Some(mechanism) = fallible_iterator::FallibleIterator::next(&mut mechanisms)
+                .map_err(|err| ConnectError::Protocol(format!("malformed SASL mechanism list: {err}")))?
+            {
+                offers_scram |= mechanism == sasl::SCRAM_SHA_256;
+            }
+            if !offers_scram {
+                return Err(ConnectError::UnsupportedAuth("a SASL mechanism other than SCRAM-SHA-256"));
+            }
+            // Channel binding needs TLS towards the server, which this
+            // connection does not use.
+            let client = sasl::ScramSha256::new(password.expose().as_bytes(), sasl::ChannelBinding::unsupported());
+            sent(frontend::sasl_initial_response(sasl::SCRAM_SHA_256, client.message(), &mut reply))?;
+            *scram = Some(client);
+        }
+        backend::Message::AuthenticationSaslContinue(body) => {
+            let client = scram
+                .as_mut()
+                .ok_or_else(|| ConnectError::Protocol("SASL continue without a SASL exchange".to_owned()))?;
+            client.update(body.data()).map_err(ConnectError::Scram)?;
+            sent(frontend::sasl_response(client.message(), &mut reply))?;
+        }
+        backend::Message::AuthenticationSaslFinal(body) => {
+            let client = scram
+                .as_mut()
+                .ok_or_else(|| ConnectError::Protocol("SASL final without a SASL exchange".to_owned()))?;
+            client.finish(body.data()).map_err(ConnectError::Scram)?;
+            return Ok(None);
+        }
+        backend::Message::AuthenticationKerberosV5 => return Err(ConnectError::UnsupportedAuth("Kerberos V5")),
+        backend::Message::AuthenticationScmCredential => return Err(ConnectError::UnsupportedAuth("SCM credentials")),
+        backend::Message::AuthenticationGss | backend::Message::AuthenticationGssContinue(_) => {
+            return Err(ConnectError::UnsupportedAuth("GSSAPI"))
+        }
+        backend::Message::AuthenticationSspi => return Err(ConnectError::UnsupportedAuth("SSPI")),
+        _ => return Err(ConnectError::Protocol("unknown authentication request".to_owned())),
+    }
+    Ok(Some(reply))
+}
+
+/// Sends a CancelRequest for `process_id`/`secret_key` to a server, on a
+/// connection of its own, as the protocol requires.
+pub async fn send_cancel(
+    backend: &Backend,
+    process_id: i32,
+    secret_key: i32,
+    timeout: Duration,
+) -> std::io::Result<()> {
+    let attempt = async {
+        let mut stream = TcpStream::connect((backend.host.as_str(), backend.port)).await?;
+        let mut out = BytesMut::new();
+        frame::write_frame(&mut out, None, |out| {
+            out.extend_from_slice(&startup::CANCEL_REQUEST_CODE.to_be_bytes());
+            out.extend_from_slice(&process_id.to_be_bytes());
+            out.extend_from_slice(&secret_key.to_be_bytes());
+        });
+        stream.write_all(&out).await?;
+        // The server closes the connection once it has read the request;
+        // waiting for that keeps the cancel from racing our close.
+        let mut sink = [0u8; 1];
+        let _ = stream.read(&mut sink).await;
+        Ok(())
+    };
+    tokio::time::timeout(timeout, attempt)
+        .await
+        .unwrap_or_else(|_| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "cancel request timed out")))
+}
+
+/// Reads whole frames during the handshake.
+struct FrameReader {
+    buf: BytesMut,
+    max_message_size: usize,
+}
+
+impl FrameReader {
+    fn new(max_message_size: usize) -> Self {
+        FrameReader {
+            buf: BytesMut::with_capacity(8 * 1024),
+            max_message_size,
+        }
+    }
+
+    async fn next(&mut self, stream: &mut TcpStream) -> Result<Bytes, ConnectError> {
+        loop {
+            match frame::next(&self.buf, self.max_message_size) {
+                Ok(Next::Frame { tag, len }) => {
+                    if !server_msg::is_known_tag(tag) {
+                        return Err(ConnectError::Protocol(format!(
+                            "unknown message type {:?}",
+                            char::from(tag)
+                        )));
+                    }
+                    return Ok(self.buf.split_to(len).freeze());
+                }
+                Ok(Next::Incomplete { .. }) => {
+                    self.buf.reserve(8 * 1024);
+                    let read = stream.read_buf(&mut self.buf).await.map_err(ConnectError::Lost)?;
+                    if read == 0 {
+                        return Err(ConnectError::Lost(std::io::ErrorKind::UnexpectedEof.into()));
+                    }
+                }
+                Err(err) => return Err(ConnectError::Protocol(err.to_string())),
+            }
+        }
+    }
+
+    fn into_rest(self) -> BytesMut {
+        self.buf
+    }
+}

@@ -1,0 +1,311 @@
+//! `reprise bench`: pgbench select-only, direct to PostgreSQL, through
+//! Reprise and (when available) through PgBouncer in session mode, all in
+//! one run and interleaved, so that the machine's drift hits every target
+//! alike. Reports the median TPS per cell and the ratios.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Args;
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Seconds per pgbench run.
+    #[arg(long, default_value_t = 5)]
+    seconds: u32,
+    /// Interleaved runs per target and cell; the median is reported.
+    #[arg(long, default_value_t = 5)]
+    pairs: usize,
+    /// Client counts (pgbench -c).
+    #[arg(long, value_delimiter = ',', default_value = "8,32")]
+    clients: Vec<u32>,
+    /// Query modes (pgbench -M).
+    #[arg(long, value_delimiter = ',', default_value = "simple,prepared")]
+    modes: Vec<String>,
+    /// pgbench scale factor for the initial data.
+    #[arg(long, default_value_t = 10)]
+    scale: u32,
+    /// pgbench worker threads (-j).
+    #[arg(long, default_value_t = 2)]
+    threads: u32,
+    /// Skip PgBouncer even when it is installed.
+    #[arg(long)]
+    no_pgbouncer: bool,
+    /// Do not try to install PgBouncer with apt-get when it is missing.
+    #[arg(long)]
+    no_install: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Target {
+    Direct,
+    Reprise,
+    PgBouncer,
+}
+
+impl Target {
+    fn name(self) -> &'static str {
+        match self {
+            Target::Direct => "direct",
+            Target::Reprise => "reprise",
+            Target::PgBouncer => "pgbouncer",
+        }
+    }
+}
+
+/// A child process killed on drop, so that an error or Ctrl-C never leaves
+/// a proxy running.
+struct Guarded(Child);
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    tokio::select! {
+        result = tokio::task::spawn_blocking(move || bench(&args)) => result?,
+        _ = tokio::signal::ctrl_c() => {
+            // Dropping the blocking task is not possible; exiting the
+            // process runs no destructors, so stop what this run started.
+            bail!("interrupted")
+        }
+    }
+}
+
+fn bench(args: &BenchArgs) -> anyhow::Result<()> {
+    let max_clients = args.clients.iter().copied().max().unwrap_or(32);
+    let cluster = throwaway_pg::Cluster::start_with(throwaway_pg::Options {
+        max_connections: max_clients * 2 + 20,
+        ..throwaway_pg::Options::default()
+    })
+    .context("cannot start a throwaway PostgreSQL")?;
+    let pgbench = cluster.install().bin("pgbench");
+    let work = tempfile::Builder::new().prefix("reprise-bench-").tempdir()?;
+    println!("PostgreSQL on port {}; initializing pgbench scale {} …", cluster.port(), args.scale);
+    let init = Command::new(&pgbench)
+        .args(["-i", "-q", "-s", &args.scale.to_string()])
+        .args(connection_args(cluster.host(), cluster.port()))
+        .output()
+        .context("cannot run pgbench -i")?;
+    if !init.status.success() {
+        bail!("pgbench -i failed: {}", String::from_utf8_lossy(&init.stderr));
+    }
+
+    let reprise_port = throwaway_pg::lease_port()?;
+    let reprise = start_reprise(work.path(), reprise_port.port(), cluster.port())?;
+    let mut targets = vec![(Target::Direct, cluster.port()), (Target::Reprise, reprise_port.port())];
+    let mut _pgbouncer = None;
+    let pgbouncer_port = throwaway_pg::lease_port()?;
+    if !args.no_pgbouncer {
+        match find_pgbouncer(!args.no_install) {
+            Some(binary) => {
+                _pgbouncer = Some(start_pgbouncer(&binary, work.path(), pgbouncer_port.port(), &cluster, max_clients)?);
+                targets.push((Target::PgBouncer, pgbouncer_port.port()));
+            }
+            None => println!("PgBouncer is not installed and could not be installed: comparing with direct only"),
+        }
+    }
+    for (target, port) in &targets {
+        wait_for_port(*port).with_context(|| format!("{} does not accept connections", target.name()))?;
+    }
+    let _reprise = reprise;
+
+    let mut report = String::new();
+    writeln!(
+        report,
+        "\npgbench -S, {}s runs, median of {} interleaved runs per target, -j {}",
+        args.seconds, args.pairs, args.threads
+    )?;
+    write!(report, "{:<10} {:>7}", "mode", "clients")?;
+    for (target, _) in &targets {
+        write!(report, " {:>12}", format!("{} tps", target.name()))?;
+    }
+    writeln!(report, " {:>15} {:>18}", "reprise/direct", "reprise/pgbouncer")?;
+    for mode in &args.modes {
+        for &clients in &args.clients {
+            let mut samples: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
+            for pair in 0..args.pairs {
+                // Rotate the order each round so no target always runs
+                // first (right after another's warm-up) or last.
+                for offset in 0..targets.len() {
+                    let index = (pair + offset) % targets.len();
+                    let (target, port) = targets[index];
+                    let tps = run_pgbench(&pgbench, mode, clients, args.threads, args.seconds, port)
+                        .with_context(|| format!("pgbench against {}", target.name()))?;
+                    println!("  {mode:<8} c={clients:<3} run {} {:<9} {tps:>10.0} tps", pair + 1, target.name());
+                    samples[index].push(tps);
+                }
+            }
+            let medians: Vec<f64> = samples.iter_mut().map(|runs| median(runs)).collect();
+            write!(report, "{mode:<10} {clients:>7}")?;
+            for value in &medians {
+                write!(report, " {value:>12.0}")?;
+            }
+            let versus_direct = medians[1] / medians[0];
+            let versus_pgbouncer = medians.get(2).map(|pgbouncer| medians[1] / pgbouncer);
+            writeln!(
+                report,
+                " {versus_direct:>15.3} {:>18}",
+                versus_pgbouncer.map(|r| format!("{r:.3}")).unwrap_or_else(|| "-".to_owned())
+            )?;
+        }
+    }
+    println!("{report}");
+    Ok(())
+}
+
+fn connection_args(host: &str, port: u16) -> Vec<String> {
+    vec![
+        "-h".to_owned(),
+        host.to_owned(),
+        "-p".to_owned(),
+        port.to_string(),
+        "-U".to_owned(),
+        "postgres".to_owned(),
+        "postgres".to_owned(),
+    ]
+}
+
+fn run_pgbench(pgbench: &Path, mode: &str, clients: u32, threads: u32, seconds: u32, port: u16) -> anyhow::Result<f64> {
+    let output = Command::new(pgbench)
+        .args(["-S", "-n", "-M", mode])
+        .args(["-c", &clients.to_string(), "-j", &threads.min(clients).to_string()])
+        .args(["-T", &seconds.to_string()])
+        .args(connection_args("127.0.0.1", port))
+        .output()
+        .context("cannot run pgbench")?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        bail!("pgbench failed: {}{}", stdout, String::from_utf8_lossy(&output.stderr));
+    }
+    parse_tps(&stdout).with_context(|| format!("no tps line in pgbench output:\n{stdout}"))
+}
+
+/// Reads `tps = 12345.678 (without initial connection time)`.
+fn parse_tps(output: &str) -> Option<f64> {
+    output
+        .lines()
+        .find(|line| line.starts_with("tps = ") && line.contains("without initial connection time"))
+        .and_then(|line| line.trim_start_matches("tps = ").split_whitespace().next())
+        .and_then(|value| value.parse().ok())
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => f64::NAN,
+        len if len % 2 == 1 => values[len / 2],
+        len => (values[len / 2 - 1] + values[len / 2]) / 2.0,
+    }
+}
+
+fn start_reprise(work: &Path, port: u16, server_port: u16) -> anyhow::Result<Guarded> {
+    let exe = std::env::current_exe().context("cannot find the reprise executable")?;
+    let data_dir = work.join("reprise-data");
+    let child = Command::new(exe)
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--backend", &format!("bench=127.0.0.1:{server_port}")])
+        .args(["--data-dir", &data_dir.display().to_string()])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .context("cannot start reprise serve")?;
+    Ok(Guarded(child))
+}
+
+fn find_pgbouncer(install: bool) -> Option<PathBuf> {
+    let candidates = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer", "/usr/local/bin/pgbouncer"];
+    let found = || candidates.iter().map(PathBuf::from).find(|path| path.exists());
+    if let Some(path) = found() {
+        return Some(path);
+    }
+    if !install || !nix::unistd::geteuid().is_root() {
+        return None;
+    }
+    println!("Installing PgBouncer with apt-get …");
+    let quiet = |cmd: &mut Command| {
+        cmd.env("DEBIAN_FRONTEND", "noninteractive")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|status| status.success())
+            .unwrap_or(false)
+    };
+    if !quiet(Command::new("apt-get").args(["install", "-y", "-q", "pgbouncer"])) {
+        quiet(Command::new("apt-get").args(["update", "-q"]));
+        quiet(Command::new("apt-get").args(["install", "-y", "-q", "pgbouncer"]));
+    }
+    // The Debian package starts its own service on the default port; this
+    // run uses a private instance, so stop that one if it came up.
+    quiet(Command::new("service").args(["pgbouncer", "stop"]));
+    found()
+}
+
+fn start_pgbouncer(
+    binary: &Path,
+    work: &Path,
+    port: u16,
+    cluster: &throwaway_pg::Cluster,
+    max_clients: u32,
+) -> anyhow::Result<Guarded> {
+    let dir = work.join("pgbouncer");
+    std::fs::create_dir_all(&dir)?;
+    let auth_file = dir.join("users.txt");
+    std::fs::write(&auth_file, "\"postgres\" \"\"\n")?;
+    let ini = dir.join("pgbouncer.ini");
+    std::fs::write(
+        &ini,
+        format!(
+            "[databases]\npostgres = host=127.0.0.1 port={server}\n\n[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\n\
+             unix_socket_dir =\nauth_type = trust\nauth_file = {auth}\npool_mode = session\nmax_client_conn = {clients}\n\
+             default_pool_size = {clients}\nlogfile = {log}\npidfile = {pid}\n",
+            server = cluster.port(),
+            auth = auth_file.display(),
+            clients = max_clients + 10,
+            log = dir.join("pgbouncer.log").display(),
+            pid = dir.join("pgbouncer.pid").display(),
+        ),
+    )?;
+    // PgBouncer refuses to run as root: hand its files to the server user.
+    throwaway_pg::chown_to_server_user(work)?;
+    throwaway_pg::chown_to_server_user(&dir)?;
+    for file in ["users.txt", "pgbouncer.ini"] {
+        throwaway_pg::chown_to_server_user(&dir.join(file))?;
+    }
+    let mut command = Command::new(binary);
+    command.arg(&ini).current_dir(&dir).stdout(Stdio::null()).stderr(Stdio::null());
+    throwaway_pg::run_unprivileged(&mut command)?;
+    Ok(Guarded(command.spawn().context("cannot start pgbouncer")?))
+}
+
+fn wait_for_port(port: u16) -> anyhow::Result<()> {
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(20) {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("port {port} did not open within 20s")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_pgbench_output() {
+        let output = "number of transactions actually processed: 1000\nlatency average = 0.1 ms\n\
+                      initial connection time = 3.2 ms\ntps = 41234.567890 (without initial connection time)\n";
+        assert_eq!(parse_tps(output), Some(41234.56789));
+        assert_eq!(parse_tps("nothing"), None);
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&mut [4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+}

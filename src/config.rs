@@ -1,0 +1,416 @@
+//! Configuration: the TOML file, its defaults, command-line overrides and
+//! validation.
+//!
+//! Key names are part of the interface (operators and scripts rely on them),
+//! so they are spelled out here once and never renamed. Unknown keys are
+//! refused, so a typo cannot silently fall back to a default.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// Errors found while reading or checking a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config key `{key}`: {problem}")]
+    Invalid { key: String, problem: String },
+}
+
+impl ConfigError {
+    fn invalid(key: impl Into<String>, problem: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            key: key.into(),
+            problem: problem.into(),
+        }
+    }
+}
+
+/// A duration written with a unit, such as `"30s"`, `"5min"` or `"250ms"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl FromStr for HumanDuration {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        humantime::parse_duration(text.trim())
+            .map(HumanDuration)
+            .map_err(|err| format!("invalid duration {text:?} ({err}); write it with a unit, such as \"30s\" or \"5min\""))
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl fmt::Display for HumanDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", humantime::format_duration(self.0))
+    }
+}
+
+/// A size written with a unit, such as `"64MiB"` or `"1 GiB"`; a bare number
+/// is bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HumanSize(pub u64);
+
+impl FromStr for HumanSize {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        bytesize::ByteSize::from_str(text.trim())
+            .map(|size| HumanSize(size.as_u64()))
+            .map_err(|err| format!("invalid size {text:?} ({err}); write it with a unit, such as \"64MiB\""))
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanSize {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u64),
+            Text(String),
+        }
+        match Raw::deserialize(deserializer)? {
+            Raw::Number(bytes) => Ok(HumanSize(bytes)),
+            Raw::Text(text) => text.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// One PostgreSQL server Reprise may connect to.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backend {
+    pub name: String,
+    pub host: String,
+    #[serde(default = "default_backend_port")]
+    pub port: u16,
+}
+
+impl Backend {
+    /// Parses the `--backend NAME=HOST:PORT` form.
+    pub fn parse_flag(text: &str) -> Result<Backend, String> {
+        let (name, address) = text
+            .split_once('=')
+            .ok_or_else(|| format!("--backend {text:?}: expected NAME=HOST:PORT"))?;
+        let (host, port) = address
+            .rsplit_once(':')
+            .ok_or_else(|| format!("--backend {text:?}: expected NAME=HOST:PORT"))?;
+        let port = port
+            .parse()
+            .map_err(|_| format!("--backend {text:?}: port {port:?} is not a number from 1 to 65535"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        Ok(Backend {
+            name: name.to_owned(),
+            host: host.to_owned(),
+            port,
+        })
+    }
+
+    pub fn address(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+fn default_backend_port() -> u16 {
+    5432
+}
+
+/// TCP keepalive probes on both client and server sockets, so that a peer
+/// that vanished without a FIN is noticed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Keepalive {
+    pub enabled: bool,
+    pub idle: HumanDuration,
+    pub interval: HumanDuration,
+    pub count: u32,
+}
+
+impl Default for Keepalive {
+    fn default() -> Self {
+        Keepalive {
+            enabled: true,
+            idle: HumanDuration(Duration::from_secs(60)),
+            interval: HumanDuration(Duration::from_secs(10)),
+            count: 6,
+        }
+    }
+}
+
+/// The whole configuration, as read from TOML with defaults filled in.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// TCP address clients connect to.
+    pub listen: SocketAddr,
+    /// Directory for a Unix socket `.s.PGSQL.<port>`; none when unset.
+    pub unix_socket_dir: Option<PathBuf>,
+    /// Reprise's own files: the lock file, later the journal.
+    pub data_dir: PathBuf,
+    /// `"user" "password"` lines, as PgBouncer's auth_file.
+    pub users_file: Option<PathBuf>,
+    pub log_format: LogFormat,
+    /// A tracing filter directive, such as `info` or `reprise=debug`.
+    pub log_level: String,
+    pub max_client_conn: usize,
+    pub connect_timeout: HumanDuration,
+    pub shutdown_timeout: HumanDuration,
+    /// Largest protocol message accepted from either side.
+    pub max_message_size: HumanSize,
+    pub tcp_keepalive: Keepalive,
+    /// Soft limit for open files to ask for at start (capped by the hard
+    /// limit); each session holds two sockets.
+    pub max_open_files: u64,
+    #[serde(rename = "backend")]
+    pub backends: Vec<Backend>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 6432)),
+            unix_socket_dir: None,
+            data_dir: PathBuf::from("./reprise-data"),
+            users_file: None,
+            log_format: LogFormat::Text,
+            log_level: "info".to_owned(),
+            max_client_conn: 10_000,
+            connect_timeout: HumanDuration(Duration::from_secs(10)),
+            shutdown_timeout: HumanDuration(Duration::from_secs(30)),
+            max_message_size: HumanSize(256 * 1024 * 1024),
+            tcp_keepalive: Keepalive::default(),
+            max_open_files: 65_536,
+            backends: Vec::new(),
+        }
+    }
+}
+
+/// Command-line values that replace the file's.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    pub listen: Option<SocketAddr>,
+    pub backends: Vec<Backend>,
+    pub data_dir: Option<PathBuf>,
+    pub users_file: Option<PathBuf>,
+    pub log_format: Option<LogFormat>,
+}
+
+/// Smallest accepted `max_message_size`: below this even a startup reply or
+/// an ordinary error message would not fit.
+const MIN_MESSAGE_SIZE: u64 = 64 * 1024;
+/// PostgreSQL never sends or accepts a message above 1 GiB.
+const MAX_MESSAGE_SIZE: u64 = 1024 * 1024 * 1024;
+
+impl Config {
+    /// Reads a TOML file; a missing path means all defaults.
+    pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let mut config = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                Config::from_toml(&text).map_err(|message| ConfigError::Parse {
+                    path: path.to_owned(),
+                    message,
+                })?
+            }
+            None => Config::default(),
+        };
+        config.apply(overrides);
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn from_toml(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|err| err.to_string().trim_end().to_owned())
+    }
+
+    pub fn apply(&mut self, overrides: &Overrides) {
+        if let Some(listen) = overrides.listen {
+            self.listen = listen;
+        }
+        if !overrides.backends.is_empty() {
+            self.backends = overrides.backends.clone();
+        }
+        if let Some(dir) = &overrides.data_dir {
+            self.data_dir = dir.clone();
+        }
+        if let Some(file) = &overrides.users_file {
+            self.users_file = Some(file.clone());
+        }
+        if let Some(format) = overrides.log_format {
+            self.log_format = format;
+        }
+    }
+
+    /// Checks what serde cannot: ranges, required entries, consistency.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.backends.is_empty() {
+            return Err(ConfigError::invalid(
+                "backend",
+                "no backend configured: add a [[backend]] table with name, host and port, or pass --backend NAME=HOST:PORT",
+            ));
+        }
+        let mut names = std::collections::HashSet::new();
+        for (index, backend) in self.backends.iter().enumerate() {
+            if backend.name.is_empty() {
+                return Err(ConfigError::invalid(format!("backend[{index}].name"), "must not be empty"));
+            }
+            if !names.insert(&backend.name) {
+                return Err(ConfigError::invalid(
+                    format!("backend[{index}].name"),
+                    format!("backend name {:?} is used twice", backend.name),
+                ));
+            }
+            if backend.host.is_empty() {
+                return Err(ConfigError::invalid(format!("backend[{index}].host"), "must not be empty"));
+            }
+            if backend.port == 0 {
+                return Err(ConfigError::invalid(format!("backend[{index}].port"), "must be from 1 to 65535"));
+            }
+        }
+        if self.max_client_conn == 0 {
+            return Err(ConfigError::invalid("max_client_conn", "must be at least 1"));
+        }
+        if self.connect_timeout.0.is_zero() {
+            return Err(ConfigError::invalid("connect_timeout", "must be longer than zero"));
+        }
+        if !(MIN_MESSAGE_SIZE..=MAX_MESSAGE_SIZE).contains(&self.max_message_size.0) {
+            return Err(ConfigError::invalid(
+                "max_message_size",
+                format!("must be from 64KiB to 1GiB, got {} bytes", self.max_message_size.0),
+            ));
+        }
+        if self.tcp_keepalive.enabled {
+            if self.tcp_keepalive.idle.0 < Duration::from_secs(1) {
+                return Err(ConfigError::invalid("tcp_keepalive.idle", "must be at least 1s"));
+            }
+            if self.tcp_keepalive.interval.0 < Duration::from_secs(1) {
+                return Err(ConfigError::invalid("tcp_keepalive.interval", "must be at least 1s"));
+            }
+            if self.tcp_keepalive.count == 0 {
+                return Err(ConfigError::invalid("tcp_keepalive.count", "must be at least 1"));
+            }
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(ConfigError::invalid("data_dir", "must not be empty"));
+        }
+        if let Err(err) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
+            return Err(ConfigError::invalid("log_level", format!("{:?} is not a valid filter: {err}", self.log_level)));
+        }
+        Ok(())
+    }
+
+    pub fn max_message_size(&self) -> usize {
+        usize::try_from(self.max_message_size.0).unwrap_or(usize::MAX)
+    }
+
+    /// Names the keys whose new values only a restart applies.
+    pub fn restart_only_changes(&self, new: &Config) -> Vec<&'static str> {
+        let mut keys = Vec::new();
+        if self.listen != new.listen {
+            keys.push("listen");
+        }
+        if self.unix_socket_dir != new.unix_socket_dir {
+            keys.push("unix_socket_dir");
+        }
+        if self.data_dir != new.data_dir {
+            keys.push("data_dir");
+        }
+        if self.log_format != new.log_format {
+            keys.push("log_format");
+        }
+        if self.max_open_files != new.max_open_files {
+            keys.push("max_open_files");
+        }
+        keys
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, String> {
+        let config = Config::from_toml(text)?;
+        config.validate().map_err(|err| err.to_string())?;
+        Ok(config)
+    }
+
+    #[test]
+    fn example_config_parses() {
+        let text = include_str!("../fixtures/reprise.toml");
+        let config = parse(text).expect("example config is valid");
+        assert_eq!(config.backends[0].name, "primary");
+        assert_eq!(config.connect_timeout.0, Duration::from_secs(5));
+        assert_eq!(config.max_message_size.0, 256 * 1024 * 1024);
+    }
+
+    #[test]
+    fn defaults() {
+        let config = parse("[[backend]]\nname = \"a\"\nhost = \"localhost\"\n").expect("valid");
+        assert_eq!(config.listen, "127.0.0.1:6432".parse().expect("addr"));
+        assert_eq!(config.data_dir, PathBuf::from("./reprise-data"));
+        assert_eq!(config.backends[0].port, 5432);
+    }
+
+    #[test]
+    fn units() {
+        assert_eq!("5min".parse::<HumanDuration>().expect("ok").0, Duration::from_secs(300));
+        assert_eq!("64MiB".parse::<HumanSize>().expect("ok").0, 64 * 1024 * 1024);
+        assert!("12".parse::<HumanDuration>().is_err());
+        assert!("lots".parse::<HumanSize>().is_err());
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let unknown = parse("lisen = \"127.0.0.1:1\"\n").expect_err("unknown key");
+        assert!(unknown.contains("lisen"), "{unknown}");
+        let duration = parse("connect_timeout = \"3 parsecs\"\n[[backend]]\nname=\"a\"\nhost=\"h\"\n").expect_err("bad unit");
+        assert!(duration.contains("connect_timeout") && duration.contains("invalid duration"), "{duration}");
+        let no_backend = parse("").expect_err("no backend");
+        assert!(no_backend.contains("`backend`"), "{no_backend}");
+        let dup = parse("[[backend]]\nname=\"a\"\nhost=\"h\"\n[[backend]]\nname=\"a\"\nhost=\"h\"\n").expect_err("dup");
+        assert!(dup.contains("backend[1].name"), "{dup}");
+        let size = parse("max_message_size = \"1KiB\"\n[[backend]]\nname=\"a\"\nhost=\"h\"\n").expect_err("small");
+        assert!(size.contains("max_message_size"), "{size}");
+    }
+
+    #[test]
+    fn backend_flag() {
+        let backend = Backend::parse_flag("main=db.example:5433").expect("ok");
+        assert_eq!((backend.name.as_str(), backend.host.as_str(), backend.port), ("main", "db.example", 5433));
+        let v6 = Backend::parse_flag("v6=[::1]:5432").expect("ok");
+        assert_eq!(v6.host, "::1");
+        assert_eq!(v6.address(), "[::1]:5432");
+        assert!(Backend::parse_flag("nohost").is_err());
+        assert!(Backend::parse_flag("a=h:notaport").is_err());
+    }
+}

@@ -1,0 +1,263 @@
+//! `reprise demo`: Reprise in front of a throwaway PostgreSQL, with a short
+//! real workload through it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use futures_util::StreamExt;
+use indicatif::{ProgressBar, ProgressStyle};
+use reprise::config::{Backend, Config};
+use reprise::Proxy;
+use tokio_postgres::{AsyncMessage, NoTls};
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Use this server (HOST:PORT) instead of starting a throwaway one.
+    #[arg(long)]
+    backend: Option<String>,
+    /// User to connect as (must be trusted by the server, or listed in --users-file).
+    #[arg(long, default_value = "postgres")]
+    user: String,
+    /// Passwords for the server, as for `serve`.
+    #[arg(long)]
+    users_file: Option<std::path::PathBuf>,
+    /// Concurrent sessions in the load phase.
+    #[arg(long, default_value_t = 16)]
+    sessions: usize,
+    /// Transactions per session in the load phase.
+    #[arg(long, default_value_t = 250)]
+    transactions: usize,
+}
+
+pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+    let subscriber = tracing_subscriber::fmt().with_env_filter("warn").with_writer(std::io::stderr).finish();
+    let _ = tracing::subscriber::set_global_default(subscriber);
+
+    // The cluster lives in this scope, so every exit path below (errors and
+    // Ctrl-C included) drops it, which stops the server and deletes its files.
+    let (cluster, backend) = match &args.backend {
+        Some(address) => (None, Backend::parse_flag(&format!("given={address}")).map_err(anyhow::Error::msg)?),
+        None => {
+            println!("Starting a throwaway PostgreSQL cluster …");
+            let cluster = tokio::task::spawn_blocking(throwaway_pg::Cluster::start)
+                .await?
+                .context("cannot start a throwaway PostgreSQL (are the PostgreSQL server binaries installed?)")?;
+            println!(
+                "  PostgreSQL {} on {}:{} (data in {})",
+                cluster.install().major_version().map(|v| v.to_string()).unwrap_or_default(),
+                cluster.host(),
+                cluster.port(),
+                cluster.data_dir().display()
+            );
+            let backend = Backend {
+                name: "throwaway".to_owned(),
+                host: cluster.host().to_owned(),
+                port: cluster.port(),
+            };
+            (Some(cluster), backend)
+        }
+    };
+
+    let data_dir = tempfile::Builder::new().prefix("reprise-demo-").tempdir()?;
+    let config = Config {
+        listen: "127.0.0.1:0".parse()?,
+        data_dir: data_dir.path().to_owned(),
+        users_file: args.users_file.clone(),
+        backends: vec![backend.clone()],
+        ..Config::default()
+    };
+    config.validate()?;
+    let proxy = Proxy::bind(config).await?;
+    let address = proxy.local_addr();
+    let handle = proxy.handle();
+    let proxy_task = tokio::spawn(proxy.run());
+    println!("Reprise listens on {address}, in front of {} ({})", backend.name, backend.address());
+
+    let outcome = tokio::select! {
+        outcome = workload(&args, address) => outcome,
+        _ = tokio::signal::ctrl_c() => {
+            println!("\nInterrupted: cleaning up.");
+            Ok(())
+        }
+    };
+
+    handle.shutdown();
+    let _ = tokio::time::timeout(Duration::from_secs(5), proxy_task).await;
+    if let Some(cluster) = cluster {
+        tokio::task::spawn_blocking(move || drop(cluster)).await?;
+        println!("Throwaway PostgreSQL stopped and removed.");
+    }
+    outcome
+}
+
+fn conn_string(user: &str, address: std::net::SocketAddr) -> String {
+    format!(
+        "host={} port={} user={user} dbname=postgres application_name=reprise-demo",
+        address.ip(),
+        address.port()
+    )
+}
+
+async fn connect(
+    user: &str,
+    address: std::net::SocketAddr,
+) -> anyhow::Result<(tokio_postgres::Client, tokio::sync::mpsc::UnboundedReceiver<AsyncMessage>)> {
+    let (client, mut connection) = tokio_postgres::connect(&conn_string(user, address), NoTls)
+        .await
+        .context("cannot connect through Reprise")?;
+    let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(message)) = messages.next().await {
+            let _ = sender.send(message);
+        }
+    });
+    Ok((client, receiver))
+}
+
+async fn workload(args: &DemoArgs, address: std::net::SocketAddr) -> anyhow::Result<()> {
+    let (client, mut messages) = connect(&args.user, address).await?;
+    let row = client
+        .query_one("select version(), pg_backend_pid(), current_user", &[])
+        .await?;
+    let version: String = row.get(0);
+    let pid: i32 = row.get(1);
+    println!("\n1. Connected through Reprise as {}: {version}", row.get::<_, String>(2));
+    println!("   backend pid {pid}: the client sees the server's own process id");
+
+    client
+        .batch_execute(
+            "drop table if exists reprise_demo;
+             create table reprise_demo (id int primary key, balance bigint not null, note text)",
+        )
+        .await?;
+    let insert = client
+        .prepare("insert into reprise_demo values ($1, $2, $3)")
+        .await?;
+    for id in 0..100 {
+        client.execute(&insert, &[&id, &1000_i64, &format!("account {id}")]).await?;
+    }
+    println!("2. Created a table and inserted 100 rows with a prepared statement (extended protocol)");
+
+    let sink = client
+        .copy_in("copy reprise_demo (id, balance, note) from stdin")
+        .await?;
+    let mut copy_data = String::new();
+    for id in 100..1100 {
+        copy_data.push_str(&format!("{id}\t500\tcopied {id}\n"));
+    }
+    futures_util::pin_mut!(sink);
+    futures_util::SinkExt::send(&mut sink, bytes::Bytes::from(copy_data)).await?;
+    let copied = sink.finish().await?;
+    let out = client.copy_out("copy reprise_demo to stdout").await?;
+    futures_util::pin_mut!(out);
+    let mut copied_out = 0;
+    while let Some(chunk) = out.next().await {
+        copied_out += chunk?.len();
+    }
+    println!("3. COPY FROM STDIN loaded {copied} rows; COPY TO STDOUT returned {copied_out} bytes");
+
+    client.batch_execute("listen reprise_demo_channel").await?;
+    let (notifier, _) = connect(&args.user, address).await?;
+    notifier
+        .batch_execute("notify reprise_demo_channel, 'hello through the proxy'")
+        .await?;
+    let notification = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(message) = messages.recv().await {
+            if let AsyncMessage::Notification(notification) = message {
+                return Some(notification);
+            }
+        }
+        None
+    })
+    .await
+    .ok()
+    .flatten()
+    .context("the notification did not arrive")?;
+    println!(
+        "4. LISTEN/NOTIFY: received {:?} from pid {} while idle",
+        notification.payload(),
+        notification.process_id()
+    );
+
+    let cancel = client.cancel_token();
+    let sleeper = tokio::spawn({
+        let started = Instant::now();
+        async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let _ = cancel.cancel_query(NoTls).await;
+            started
+        }
+    });
+    let cancelled = client.simple_query("select pg_sleep(30)").await;
+    let started = sleeper.await?;
+    match cancelled {
+        Err(err) if err.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED) => println!(
+            "5. Cancelled a pg_sleep(30) after {:.1}s through the proxy's cancel-key map",
+            started.elapsed().as_secs_f64()
+        ),
+        Err(err) => bail!("the cancelled query failed differently: {err}"),
+        Ok(_) => bail!("the cancel request did not reach the server"),
+    }
+
+    let total = (args.sessions * args.transactions) as u64;
+    println!(
+        "6. Load: {} sessions × {} transactions (select, update, insert, commit)",
+        args.sessions, args.transactions
+    );
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template("   [{elapsed_precise}] {bar:40} {pos}/{len} transactions ({per_sec})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let done = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for worker in 0..args.sessions {
+        let (session, _) = connect(&args.user, address).await?;
+        let bar = bar.clone();
+        let done = Arc::clone(&done);
+        let transactions = args.transactions;
+        workers.push(tokio::spawn(async move {
+            let select = session.prepare("select balance from reprise_demo where id = $1").await?;
+            let update = session
+                .prepare("update reprise_demo set balance = balance + $2 where id = $1")
+                .await?;
+            for step in 0..transactions {
+                let id = ((worker * 7919 + step * 31) % 1100) as i32;
+                session.batch_execute("begin").await?;
+                let _balance: i64 = session.query_one(&select, &[&id]).await?.get(0);
+                session.execute(&update, &[&id, &1_i64]).await?;
+                session.batch_execute("commit").await?;
+                done.fetch_add(1, Ordering::Relaxed);
+                bar.inc(1);
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for worker in workers {
+        worker.await??;
+    }
+    bar.finish_and_clear();
+    let elapsed = started.elapsed();
+    let sum: i64 = client
+        .query_one("select sum(balance)::bigint from reprise_demo", &[])
+        .await?
+        .get(0);
+    let expected = 100 * 1000 + 1000 * 500 + total as i64;
+    println!(
+        "   {} transactions in {:.2}s ({:.0}/s); total balance {sum} (expected {expected})",
+        done.load(Ordering::Relaxed),
+        elapsed.as_secs_f64(),
+        total as f64 / elapsed.as_secs_f64().max(1e-9)
+    );
+    if sum != expected {
+        bail!("the balances do not add up: {sum} != {expected}");
+    }
+    client.batch_execute("drop table reprise_demo").await?;
+    println!("\nDone: every step above went through Reprise and matched what PostgreSQL itself would answer.");
+    Ok(())
+}

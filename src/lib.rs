@@ -1,0 +1,20 @@
+//! Reprise: a PostgreSQL wire-protocol proxy that keeps database sessions
+//! alive through backend failures.
+//!
+//! Data flows one way through the modules: [`frontend`] accepts a client
+//! and reads its startup packet, [`session`] logs in to a server through
+//! [`backend`] and relays frames, [`wire`] frames and checks the bytes.
+
+#![deny(clippy::unwrap_used)]
+
+pub mod backend;
+pub mod config;
+pub mod datadir;
+pub mod frontend;
+pub mod proxy;
+pub mod session;
+pub mod users;
+pub mod wire;
+
+pub use config::Config;
+pub use proxy::{Proxy, ProxyHandle};

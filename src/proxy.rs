@@ -1,0 +1,225 @@
+//! The proxy as a whole: its listeners, the state every session shares,
+//! reload and graceful shutdown.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::datadir::{DataDirError, DataDirLock};
+use crate::frontend::listener::Listener;
+use crate::session::cancel::CancelRegistry;
+use crate::users::{Users, UsersFileError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error(transparent)]
+    DataDir(#[from] DataDirError),
+    #[error(transparent)]
+    Users(#[from] UsersFileError),
+    #[error("cannot listen on {address}: {source}")]
+    Listen { address: String, source: std::io::Error },
+}
+
+/// What all sessions share. Nothing here is touched on the per-message
+/// path; sessions read the configuration once, when they start.
+#[derive(Debug)]
+pub struct Shared {
+    config: RwLock<Arc<Config>>,
+    users: RwLock<Arc<Users>>,
+    pub(crate) cancel: Arc<CancelRegistry>,
+    /// Sessions past their startup packet (counted against max_client_conn).
+    pub(crate) clients: AtomicUsize,
+    /// Stop accepting; close sessions as they become idle.
+    pub(crate) draining: CancellationToken,
+    /// Close every session now.
+    pub(crate) terminate: CancellationToken,
+    session_ids: AtomicU64,
+}
+
+impl Shared {
+    pub fn config(&self) -> Arc<Config> {
+        match self.config.read() {
+            Ok(config) => Arc::clone(&config),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    pub fn users(&self) -> Arc<Users> {
+        match self.users.read() {
+            Ok(users) => Arc::clone(&users),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    pub(crate) fn next_session_id(&self) -> u64 {
+        self.session_ids.fetch_add(1, Ordering::Relaxed) + 1
+    }
+}
+
+fn load_users(config: &Config) -> Result<Users, UsersFileError> {
+    match &config.users_file {
+        Some(path) => Users::load(path),
+        None => Ok(Users::default()),
+    }
+}
+
+/// A bound, not yet running proxy.
+#[derive(Debug)]
+pub struct Proxy {
+    shared: Arc<Shared>,
+    listeners: Vec<Listener>,
+    local_addr: SocketAddr,
+    _lock: DataDirLock,
+}
+
+impl Proxy {
+    /// Locks the data directory, reads the users file, raises the open-file
+    /// limit and binds the listeners. Must run inside a tokio runtime.
+    pub async fn bind(config: Config) -> Result<Proxy, ProxyError> {
+        let lock = DataDirLock::acquire(&config.data_dir)?;
+        let users = load_users(&config)?;
+        raise_open_file_limit(config.max_open_files);
+
+        let tcp = Listener::bind_tcp(config.listen)
+            .await
+            .map_err(|source| ProxyError::Listen {
+                address: config.listen.to_string(),
+                source,
+            })?;
+        let local_addr = match &tcp {
+            Listener::Tcp(listener) => listener.local_addr().unwrap_or(config.listen),
+            Listener::Unix { .. } => config.listen,
+        };
+        let mut listeners = vec![tcp];
+        if let Some(dir) = &config.unix_socket_dir {
+            let unix = Listener::bind_unix(dir, local_addr.port()).map_err(|source| ProxyError::Listen {
+                address: dir.join(format!(".s.PGSQL.{}", local_addr.port())).display().to_string(),
+                source,
+            })?;
+            listeners.push(unix);
+        }
+        let shared = Arc::new(Shared {
+            config: RwLock::new(Arc::new(config)),
+            users: RwLock::new(Arc::new(users)),
+            cancel: Arc::new(CancelRegistry::default()),
+            clients: AtomicUsize::new(0),
+            draining: CancellationToken::new(),
+            terminate: CancellationToken::new(),
+            session_ids: AtomicU64::new(0),
+        });
+        Ok(Proxy {
+            shared,
+            listeners,
+            local_addr,
+            _lock: lock,
+        })
+    }
+
+    /// The TCP address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn handle(&self) -> ProxyHandle {
+        ProxyHandle {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+
+    /// Serves until shutdown: then stops accepting, lets sessions end as
+    /// they become idle, and closes the rest after `shutdown_timeout`.
+    pub async fn run(self) {
+        let sessions = TaskTracker::new();
+        let mut accepting = Vec::new();
+        for listener in self.listeners {
+            tracing::info!(listener = %listener.describe(), "accepting connections");
+            accepting.push(tokio::spawn(listener.serve(Arc::clone(&self.shared), sessions.clone())));
+        }
+        self.shared.draining.cancelled().await;
+        for task in accepting {
+            let _ = task.await;
+        }
+        sessions.close();
+        let timeout = self.shared.config().shutdown_timeout.0;
+        tracing::info!(
+            sessions = self.shared.clients.load(Ordering::Relaxed),
+            ?timeout,
+            "shutting down: waiting for sessions to end"
+        );
+        if tokio::time::timeout(timeout, sessions.wait()).await.is_err() {
+            tracing::warn!(
+                sessions = self.shared.clients.load(Ordering::Relaxed),
+                "shutdown_timeout reached: closing the remaining sessions"
+            );
+            self.shared.terminate.cancel();
+            sessions.wait().await;
+        }
+        tracing::info!("all sessions closed");
+    }
+}
+
+/// Controls a running proxy from elsewhere (signal handlers, tests).
+#[derive(Clone, Debug)]
+pub struct ProxyHandle {
+    shared: Arc<Shared>,
+}
+
+impl ProxyHandle {
+    /// Starts a graceful shutdown.
+    pub fn shutdown(&self) {
+        self.shared.draining.cancel();
+    }
+
+    /// Closes every session at once.
+    pub fn terminate(&self) {
+        self.shared.draining.cancel();
+        self.shared.terminate.cancel();
+    }
+
+    pub fn active_sessions(&self) -> usize {
+        self.shared.clients.load(Ordering::Relaxed)
+    }
+
+    pub fn config(&self) -> Arc<Config> {
+        self.shared.config()
+    }
+
+    /// Applies a new configuration to sessions that start from now on and
+    /// re-reads the users file. Returns the keys whose change needs a
+    /// restart (they keep their old values). On error nothing changes.
+    pub fn reload(&self, new: Config) -> Result<Vec<&'static str>, UsersFileError> {
+        let users = load_users(&new)?;
+        let current = self.shared.config();
+        let restart_only = current.restart_only_changes(&new);
+        let mut applied = new;
+        applied.listen = current.listen;
+        applied.unix_socket_dir.clone_from(&current.unix_socket_dir);
+        applied.data_dir.clone_from(&current.data_dir);
+        applied.log_format = current.log_format;
+        applied.max_open_files = current.max_open_files;
+        if let Ok(mut config) = self.shared.config.write() {
+            *config = Arc::new(applied);
+        }
+        if let Ok(mut slot) = self.shared.users.write() {
+            *slot = Arc::new(users);
+        }
+        Ok(restart_only)
+    }
+}
+
+/// Asks for `wanted` open files (capped by the hard limit): each session
+/// holds two sockets, and the default soft limit of 1024 would cap a proxy
+/// at about 500 sessions.
+fn raise_open_file_limit(wanted: u64) {
+    match rlimit::increase_nofile_limit(wanted) {
+        Ok(granted) if granted < wanted => {
+            tracing::warn!(granted, wanted, "open-file limit is below max_open_files (hard limit)")
+        }
+        Ok(granted) => tracing::debug!(granted, "open-file limit"),
+        Err(err) => tracing::warn!(error = %err, "could not raise the open-file limit"),
+    }
+}

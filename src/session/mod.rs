@@ -1,0 +1,386 @@
+//! One client session: log in to a server on the client's behalf, then
+//! relay until either side ends.
+//!
+//! The session task owns both sockets (see [`relay`]). It reads only what
+//! it must: the tag and shape of every client frame, and ReadyForQuery,
+//! ParameterStatus and ErrorResponse from the server. Everything is
+//! forwarded as the bytes that arrived, in batches.
+
+pub mod cancel;
+pub mod relay;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+use crate::backend::{self, ConnectError, ServerConnection};
+use crate::proxy::Shared;
+use crate::wire::frame::{self, Next};
+use crate::wire::frontend::{self, FrontendKind};
+use crate::wire::reply::{self, sqlstate};
+use crate::wire::startup::StartupMessage;
+use crate::wire::backend as server_msg;
+use cancel::{CancelHandle, CancelTarget, ClientKey};
+use relay::{Event, Relay};
+
+/// How long a goodbye (a last error, a Terminate) may take to write.
+const GOODBYE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Where the session is between requests, from the proxy's point of view.
+#[derive(Debug, Default)]
+struct Progress {
+    /// Requests sent that the server has not yet answered with
+    /// ReadyForQuery (Query, Sync and FunctionCall each get exactly one).
+    awaiting_ready: u32,
+    /// Extended-query messages sent since the last Sync.
+    unsynced: bool,
+    /// Transaction status of the last ReadyForQuery.
+    status: u8,
+}
+
+impl Progress {
+    /// A request boundary: nothing in flight, nothing half-sent.
+    fn at_boundary(&self) -> bool {
+        self.awaiting_ready == 0 && !self.unsynced
+    }
+
+    fn idle(&self) -> bool {
+        self.at_boundary() && self.status == b'I'
+    }
+}
+
+/// Why a session ended, for the log.
+#[derive(Debug)]
+enum Ending {
+    ClientTerminated,
+    ClientGone,
+    ClientError(std::io::Error),
+    ClientViolation(String),
+    ServerGone(Option<std::io::Error>),
+    ServerViolation(String),
+    Shutdown,
+}
+
+/// Runs a session whose startup packet has been read. Returns when the
+/// session is over; both sockets are closed by then.
+pub async fn run<C>(mut client: C, startup: StartupMessage, shared: Arc<Shared>)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let config = shared.config();
+    let Some(backend) = config.backends.first().cloned() else {
+        goodbye(&mut client, reply::fatal(sqlstate::CLIENT_CANNOT_CONNECT, "no backend is configured")).await;
+        return;
+    };
+    let user = startup.get_lossy("user").unwrap_or_default();
+    let users = shared.users();
+    let connected = backend::connect(
+        &backend,
+        &startup,
+        users.password(&user),
+        config.connect_timeout.0,
+        &config.tcp_keepalive,
+        config.max_message_size(),
+    )
+    .await;
+    let server = match connected {
+        Ok(server) => server,
+        Err(err) => {
+            tracing::warn!(backend = %backend.name, error = %err, "could not open a server connection");
+            let answer = match &err {
+                ConnectError::Refused { frame, .. } => BytesMut::from(&frame[..]),
+                ConnectError::NoPassword { .. } => reply::fatal(sqlstate::INVALID_PASSWORD, &err.to_string()),
+                ConnectError::UnsupportedAuth(_) => reply::fatal(sqlstate::FEATURE_NOT_SUPPORTED, &err.to_string()),
+                _ => reply::fatal(sqlstate::CLIENT_CANNOT_CONNECT, &err.to_string()),
+            };
+            goodbye(&mut client, answer).await;
+            return;
+        }
+    };
+    tracing::debug!(backend = %backend.name, server_pid = server.process_id, "server connection ready");
+
+    let registration = shared.cancel.register(
+        ClientKey {
+            process_id: server.process_id,
+            secret_key: server.secret_key,
+        },
+        CancelTarget {
+            backend: server.backend.clone(),
+            process_id: server.process_id,
+            secret_key: server.secret_key,
+        },
+    );
+    Session::new(client, server, registration, shared).run().await;
+}
+
+/// Writes a last message and closes; errors only mean the client is gone.
+async fn goodbye<C: AsyncWrite + Unpin>(client: &mut C, message: BytesMut) {
+    let _ = tokio::time::timeout(GOODBYE_TIMEOUT, async {
+        client.write_all(&message).await?;
+        client.shutdown().await
+    })
+    .await;
+}
+
+struct Session<C> {
+    relay: Relay<C, tokio::net::TcpStream>,
+    shared: Arc<Shared>,
+    max_message_size: usize,
+    progress: Progress,
+    /// The server sent a FATAL error: its connection is about to end and
+    /// the client already knows why.
+    server_said_fatal: bool,
+    backend_name: String,
+    draining: bool,
+    _cancel: CancelHandle,
+}
+
+impl<C> Session<C>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    fn new(client: C, server: ServerConnection, cancel: CancelHandle, shared: Arc<Shared>) -> Self {
+        let mut greeting = BytesMut::new();
+        reply::authentication_ok(&mut greeting);
+        greeting.extend_from_slice(&server.greeting);
+        let key = cancel.key();
+        reply::backend_key_data(&mut greeting, key.process_id, key.secret_key);
+        greeting.extend_from_slice(&server.ready);
+        let status = server_msg::ready_status(&server.ready).unwrap_or(b'I');
+
+        let mut relay = Relay::new(client, server.stream, server.pending);
+        relay.to_client.push(greeting.freeze());
+        let max_message_size = shared.config().max_message_size();
+        Session {
+            relay,
+            max_message_size,
+            progress: Progress {
+                status,
+                ..Progress::default()
+            },
+            server_said_fatal: false,
+            backend_name: server.backend.name,
+            draining: false,
+            _cancel: cancel,
+            shared,
+        }
+    }
+
+    async fn run(mut self) {
+        let draining = self.shared.draining.clone();
+        let terminate = self.shared.terminate.clone();
+        let mut drain_signal = std::pin::pin!(draining.cancelled_owned());
+        let mut terminate_signal = std::pin::pin!(terminate.cancelled_owned());
+        // Bytes that came with the server's greeting are steady-state
+        // messages (a notification, say).
+        let mut ending = if self.relay.from_server.is_empty() {
+            None
+        } else {
+            self.on_server_data().err()
+        };
+        while ending.is_none() {
+            let event = tokio::select! {
+                biased;
+                event = std::future::poll_fn(|cx| self.relay.poll_event(cx)) => event,
+                () = &mut terminate_signal => {
+                    ending = Some(Ending::Shutdown);
+                    break;
+                }
+                () = &mut drain_signal, if !self.draining => {
+                    self.draining = true;
+                    if self.progress.idle() {
+                        ending = Some(Ending::Shutdown);
+                    }
+                    continue;
+                }
+            };
+            ending = self.on_event(event).err();
+        }
+        self.finish(ending.unwrap_or(Ending::ClientGone)).await;
+    }
+
+    fn on_event(&mut self, event: Event) -> Result<(), Ending> {
+        match event {
+            Event::ClientData => self.on_client_data(),
+            Event::ServerData => self.on_server_data(),
+            Event::ClientClosed => Err(Ending::ClientGone),
+            Event::ClientError(err) => Err(Ending::ClientError(err)),
+            Event::ServerClosed => Err(Ending::ServerGone(None)),
+            Event::ServerError(err) => Err(Ending::ServerGone(Some(err))),
+        }
+    }
+
+    /// Frames what the client sent, checks each frame and queues the whole
+    /// ones for the server in one chunk.
+    fn on_client_data(&mut self) -> Result<(), Ending> {
+        let buf = &self.relay.from_client;
+        let mut whole = 0;
+        let mut violation = None;
+        loop {
+            match frame::next(&buf[whole..], self.max_message_size) {
+                Ok(Next::Frame { len, .. }) => match frontend::check(&buf[whole..whole + len]) {
+                    Ok(kind) => {
+                        whole += len;
+                        if kind.ends_request() {
+                            self.progress.awaiting_ready += 1;
+                        }
+                        match kind {
+                            FrontendKind::Sync => self.progress.unsynced = false,
+                            FrontendKind::Terminate => {
+                                self.relay.client_done = true;
+                                break;
+                            }
+                            kind if kind.is_extended() => self.progress.unsynced = true,
+                            _ => {}
+                        }
+                    }
+                    Err(err) => {
+                        violation = Some(err.to_string());
+                        break;
+                    }
+                },
+                Ok(Next::Incomplete { .. }) => break,
+                Err(err) => {
+                    violation = Some(err.to_string());
+                    break;
+                }
+            }
+        }
+        if whole > 0 {
+            let chunk = self.relay.from_client.split_to(whole).freeze();
+            self.relay.to_server.push(chunk);
+        }
+        match violation {
+            Some(message) => Err(Ending::ClientViolation(message)),
+            None if self.relay.client_done => Err(Ending::ClientTerminated),
+            None => Ok(()),
+        }
+    }
+
+    /// Frames what the server sent, notes the few messages that matter and
+    /// queues the whole frames for the client in one chunk.
+    fn on_server_data(&mut self) -> Result<(), Ending> {
+        let buf = &self.relay.from_server;
+        let mut whole = 0;
+        let mut violation = None;
+        loop {
+            match frame::next(&buf[whole..], self.max_message_size) {
+                Ok(Next::Frame { tag, len }) => {
+                    let message = &buf[whole..whole + len];
+                    match tag {
+                        b'Z' => {
+                            self.progress.awaiting_ready = self.progress.awaiting_ready.saturating_sub(1);
+                            self.progress.status = server_msg::ready_status(message).unwrap_or(b'I');
+                        }
+                        b'E' => {
+                            if server_msg::error_summary(message).is_fatal() {
+                                self.server_said_fatal = true;
+                            }
+                        }
+                        tag if !server_msg::is_known_tag(tag) => {
+                            violation = Some(format!("server sent an unknown message type {:?}", char::from(tag)));
+                            break;
+                        }
+                        _ => {}
+                    }
+                    whole += len;
+                }
+                Ok(Next::Incomplete { .. }) => break,
+                Err(err) => {
+                    violation = Some(format!("server sent a message Reprise cannot relay: {err}"));
+                    break;
+                }
+            }
+        }
+        if whole > 0 {
+            let chunk = self.relay.from_server.split_to(whole).freeze();
+            self.relay.to_client.push(chunk);
+        }
+        if let Some(message) = violation {
+            return Err(Ending::ServerViolation(message));
+        }
+        if self.draining && self.progress.idle() {
+            return Err(Ending::Shutdown);
+        }
+        Ok(())
+    }
+
+    /// Says goodbye to both sides as the ending requires.
+    async fn finish(mut self, ending: Ending) {
+        match &ending {
+            Ending::ClientTerminated | Ending::ClientGone => tracing::debug!("session ended by the client"),
+            Ending::ClientError(err) => tracing::debug!(error = %err, "client connection failed"),
+            Ending::Shutdown => tracing::info!("closing session: Reprise is shutting down"),
+            _ => tracing::info!(?ending, backend = %self.backend_name, "session ended"),
+        }
+        let client_message = match &ending {
+            Ending::ClientViolation(message) => Some(reply::fatal(sqlstate::PROTOCOL_VIOLATION, message)),
+            Ending::ServerViolation(message) => Some(reply::fatal(sqlstate::PROTOCOL_VIOLATION, message)),
+            Ending::ServerGone(_) if self.server_said_fatal => None,
+            Ending::ServerGone(err) => {
+                let reason = err.as_ref().map(|err| format!(": {err}")).unwrap_or_default();
+                Some(reply::fatal(
+                    sqlstate::CONNECTION_FAILURE,
+                    &format!(
+                        "server connection to \"{}\" was lost{reason}; the session cannot continue",
+                        self.backend_name
+                    ),
+                ))
+            }
+            Ending::Shutdown => Some(reply::fatal(
+                sqlstate::ADMIN_SHUTDOWN,
+                "terminating connection because Reprise is shutting down",
+            )),
+            _ => None,
+        };
+        let client_alive = matches!(
+            ending,
+            Ending::ClientViolation(_) | Ending::ServerGone(_) | Ending::ServerViolation(_) | Ending::Shutdown
+        );
+        let server_alive = !matches!(ending, Ending::ServerGone(_));
+
+        let relay = &mut self.relay;
+        if server_alive {
+            // Whatever the client sent before it left (Terminate included)
+            // still reaches the server; a client that vanished gets a
+            // Terminate sent on its behalf so the backend ends at once.
+            if !matches!(ending, Ending::ClientTerminated) {
+                let mut terminate = BytesMut::new();
+                frame::write_frame(&mut terminate, Some(b'X'), |_| {});
+                relay.to_server.push(terminate.freeze());
+            }
+            let _ = tokio::time::timeout(GOODBYE_TIMEOUT, async {
+                relay.flush_server().await?;
+                relay.server.shutdown().await
+            })
+            .await;
+        }
+        if client_alive {
+            if let Some(message) = client_message {
+                relay.to_client.push(message.freeze());
+            }
+            let _ = tokio::time::timeout(GOODBYE_TIMEOUT, async {
+                relay.flush_client().await?;
+                relay.client.shutdown().await
+            })
+            .await;
+        }
+    }
+}
+
+/// Handles a CancelRequest: re-issues it with the key of the session's
+/// current server connection. An unknown key is dropped without a word, as
+/// PostgreSQL does.
+pub async fn cancel(shared: &Shared, key: ClientKey) {
+    let Some(target) = shared.cancel.lookup(key) else {
+        tracing::debug!(process_id = key.process_id, "cancel request for an unknown key dropped");
+        return;
+    };
+    let timeout = shared.config().connect_timeout.0;
+    match backend::send_cancel(&target.backend, target.process_id, target.secret_key, timeout).await {
+        Ok(()) => tracing::debug!(server_pid = target.process_id, "cancel request forwarded"),
+        Err(err) => tracing::warn!(error = %err, backend = %target.backend.name, "could not forward a cancel request"),
+    }
+}

@@ -1,0 +1,119 @@
+//! Messages Reprise itself sends to clients, encoded with pgwire.
+//!
+//! Everything else a client receives is forwarded from a server byte for
+//! byte; these are the only frames the proxy writes of its own.
+
+use bytes::BytesMut;
+use pgwire::messages::response::{ErrorResponse, ReadyForQuery, TransactionStatus};
+use pgwire::messages::startup::{Authentication, BackendKeyData, NegotiateProtocolVersion, SecretKey};
+use pgwire::messages::Message;
+
+/// SQLSTATE codes the proxy reports on its own behalf.
+pub mod sqlstate {
+    pub const PROTOCOL_VIOLATION: &str = "08P01";
+    pub const CONNECTION_FAILURE: &str = "08006";
+    pub const CLIENT_CANNOT_CONNECT: &str = "08001";
+    pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
+    pub const INVALID_AUTHORIZATION: &str = "28000";
+    pub const INVALID_PASSWORD: &str = "28P01";
+    pub const TOO_MANY_CONNECTIONS: &str = "53300";
+    pub const PROGRAM_LIMIT_EXCEEDED: &str = "54000";
+    pub const ADMIN_SHUTDOWN: &str = "57P01";
+    pub const CANNOT_CONNECT_NOW: &str = "57P03";
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Severity {
+    Error,
+    Fatal,
+}
+
+impl Severity {
+    fn as_str(self) -> &'static str {
+        match self {
+            Severity::Error => "ERROR",
+            Severity::Fatal => "FATAL",
+        }
+    }
+}
+
+fn encode(message: &impl Message, out: &mut BytesMut) {
+    // pgwire only fails to encode a message above its own size limits; the
+    // messages built here are a few hundred bytes at most.
+    if let Err(err) = message.encode(out) {
+        tracing::error!(%err, "could not encode a message for a client");
+    }
+}
+
+/// An ErrorResponse with both the localised (`S`) and non-localised (`V`)
+/// severity, as PostgreSQL sends since 9.6.
+pub fn error(out: &mut BytesMut, severity: Severity, code: &str, message: &str, detail: Option<&str>) {
+    let mut fields = vec![
+        (b'S', severity.as_str().to_owned()),
+        (b'V', severity.as_str().to_owned()),
+        (b'C', code.to_owned()),
+        (b'M', message.to_owned()),
+    ];
+    if let Some(detail) = detail {
+        fields.push((b'D', detail.to_owned()));
+    }
+    encode(&ErrorResponse::new(fields), out);
+}
+
+pub fn fatal(code: &str, message: &str) -> BytesMut {
+    let mut out = BytesMut::new();
+    error(&mut out, Severity::Fatal, code, message, None);
+    out
+}
+
+pub fn authentication_ok(out: &mut BytesMut) {
+    encode(&Authentication::Ok, out);
+}
+
+pub fn backend_key_data(out: &mut BytesMut, process_id: i32, secret_key: i32) {
+    encode(&BackendKeyData::new(process_id, SecretKey::I32(secret_key)), out);
+}
+
+pub fn ready_for_query(out: &mut BytesMut, status: u8) {
+    let status = match status {
+        b'T' => TransactionStatus::Transaction,
+        b'E' => TransactionStatus::Error,
+        _ => TransactionStatus::Idle,
+    };
+    encode(&ReadyForQuery::new(status), out);
+}
+
+/// Tells a client that asked for protocol 3.`minor` or for `_pq_.` options
+/// that the session will speak 3.0 without those options.
+pub fn negotiate_protocol_version(out: &mut BytesMut, newest_minor: i32, unsupported_options: Vec<String>) {
+    encode(&NegotiateProtocolVersion::new(newest_minor, unsupported_options), out);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::backend::error_summary;
+
+    #[test]
+    fn error_round_trips() {
+        let frame = fatal(sqlstate::PROTOCOL_VIOLATION, "invalid frontend message type 122");
+        let summary = error_summary(&frame);
+        assert_eq!(summary.code, "08P01");
+        assert_eq!(summary.severity, "FATAL");
+        assert_eq!(summary.message, "invalid frontend message type 122");
+        let declared = i32::from_be_bytes([frame[1], frame[2], frame[3], frame[4]]) as usize;
+        assert_eq!(declared + 1, frame.len());
+    }
+
+    #[test]
+    fn fixed_messages() {
+        let mut out = BytesMut::new();
+        authentication_ok(&mut out);
+        backend_key_data(&mut out, 42, -7);
+        ready_for_query(&mut out, b'I');
+        assert_eq!(
+            &out[..],
+            b"R\0\0\0\x08\0\0\0\0K\0\0\0\x0c\0\0\0\x2a\xff\xff\xff\xf9Z\0\0\0\x05I"
+        );
+    }
+}
