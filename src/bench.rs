@@ -273,10 +273,10 @@ fn start_pgbouncer(
         ),
     )?;
     // PgBouncer refuses to run as root: hand its files to the server user.
-    throwaway_pg::chown_to_server_user(work)?;
-    throwaway_pg::chown_to_server_user(&dir)?;
+    throwaway_pg::give_to_server_user(work)?;
+    throwaway_pg::give_to_server_user(&dir)?;
     for file in ["users.txt", "pgbouncer.ini"] {
-        throwaway_pg::chown_to_server_user(&dir.join(file))?;
+        throwaway_pg::give_to_server_user(&dir.join(file))?;
     }
     let mut command = Command::new(binary);
     command.arg(&ini).current_dir(&dir).stdout(Stdio::null()).stderr(Stdio::null());

@@ -1,0 +1,9 @@
+//! Integration tests: real PostgreSQL servers, started by the tests, with
+//! Reprise in front of them and real clients (tokio-postgres, psql,
+//! pgbench, raw sockets for what no driver sends).
+
+mod bad_input;
+mod clients;
+mod lifecycle;
+mod relay;
+mod support;

@@ -1,0 +1,302 @@
+//! Shared test support: a real PostgreSQL cluster with Reprise in front of
+//! it, and a raw protocol client for the cases no driver will produce.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use futures_util::StreamExt;
+use reprise::config::{Backend, Config};
+use reprise::{Proxy, ProxyHandle};
+use throwaway_pg::{Cluster, Options};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_postgres::{AsyncMessage, Client, NoTls};
+
+/// A cluster and a proxy in front of it, both gone on drop.
+pub struct Harness {
+    pub proxy: SocketAddr,
+    pub handle: ProxyHandle,
+    task: Option<tokio::task::JoinHandle<()>>,
+    pub data_dir: tempfile::TempDir,
+    // Dropped last: sessions must not outlive their server in a way that
+    // slows teardown.
+    pub cluster: Cluster,
+}
+
+impl Harness {
+    pub async fn start() -> Harness {
+        Harness::start_with(Options::default(), |_| {}).await
+    }
+
+    /// Starts a cluster with `options` and a proxy whose config `tweak`
+    /// may adjust.
+    pub async fn start_with(options: Options, tweak: impl FnOnce(&mut Config)) -> Harness {
+        let cluster = start_cluster(options).await;
+        let data_dir = tempfile::Builder::new().prefix("reprise-test-").tempdir().expect("tempdir");
+        let mut config = Config {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            data_dir: data_dir.path().to_owned(),
+            backends: vec![Backend {
+                name: "primary".to_owned(),
+                host: cluster.host().to_owned(),
+                port: cluster.port(),
+            }],
+            shutdown_timeout: reprise::config::HumanDuration(Duration::from_secs(5)),
+            ..Config::default()
+        };
+        tweak(&mut config);
+        config.validate().expect("test config is valid");
+        let proxy = Proxy::bind(config).await.expect("proxy binds");
+        let address = proxy.local_addr();
+        let handle = proxy.handle();
+        let task = tokio::spawn(proxy.run());
+        Harness {
+            proxy: address,
+            handle,
+            task: Some(task),
+            data_dir,
+            cluster,
+        }
+    }
+
+    pub fn proxy_conn_str(&self) -> String {
+        format!("host=127.0.0.1 port={} user=postgres dbname=postgres", self.proxy.port())
+    }
+
+    /// The cluster's own address, for raw clients that bypass the proxy.
+    pub fn cluster_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.cluster.port()))
+    }
+
+    pub fn direct_conn_str(&self) -> String {
+        self.cluster.conn_str()
+    }
+
+    /// A tokio-postgres client through the proxy; notifications and notices
+    /// arrive on the receiver.
+    pub async fn connect(&self) -> (Client, tokio::sync::mpsc::UnboundedReceiver<AsyncMessage>) {
+        connect(&self.proxy_conn_str()).await
+    }
+
+    pub async fn connect_direct(&self) -> (Client, tokio::sync::mpsc::UnboundedReceiver<AsyncMessage>) {
+        connect(&self.direct_conn_str()).await
+    }
+
+    /// Stops the proxy gracefully and waits for it to finish.
+    pub async fn shutdown(&mut self) {
+        self.handle.shutdown();
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(30), task)
+                .await
+                .expect("proxy stops in time")
+                .expect("proxy task");
+        }
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.handle.terminate();
+    }
+}
+
+pub async fn start_cluster(options: Options) -> Cluster {
+    tokio::task::spawn_blocking(move || Cluster::start_with(options))
+        .await
+        .expect("join")
+        .expect("cluster starts")
+}
+
+pub async fn connect(conn_str: &str) -> (Client, tokio::sync::mpsc::UnboundedReceiver<AsyncMessage>) {
+    let (client, mut connection) = tokio_postgres::connect(conn_str, NoTls)
+        .await
+        .unwrap_or_else(|err| panic!("connect {conn_str}: {err}"));
+    let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(message)) = messages.next().await {
+            let _ = sender.send(message);
+        }
+    });
+    (client, receiver)
+}
+
+/// One backend message: its tag and body.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Message {
+    pub tag: u8,
+    pub body: Bytes,
+}
+
+impl Message {
+    /// SQLSTATE of an ErrorResponse.
+    pub fn field(&self, code: u8) -> Option<String> {
+        let mut rest = &self.body[..];
+        while let Some((&field, tail)) = rest.split_first() {
+            if field == 0 {
+                break;
+            }
+            let end = tail.iter().position(|&b| b == 0)?;
+            if field == code {
+                return Some(String::from_utf8_lossy(&tail[..end]).into_owned());
+            }
+            rest = &tail[end + 1..];
+        }
+        None
+    }
+
+    pub fn sqlstate(&self) -> Option<String> {
+        self.field(b'C')
+    }
+}
+
+/// A protocol client that sends exactly the bytes it is given.
+pub struct RawClient {
+    pub stream: TcpStream,
+    buf: BytesMut,
+}
+
+pub fn startup_packet(version: i32, params: &[(&str, &str)]) -> Vec<u8> {
+    let mut body = version.to_be_bytes().to_vec();
+    for (key, value) in params {
+        body.extend_from_slice(key.as_bytes());
+        body.push(0);
+        body.extend_from_slice(value.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut packet = ((body.len() + 4) as i32).to_be_bytes().to_vec();
+    packet.extend_from_slice(&body);
+    packet
+}
+
+pub fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![tag];
+    out.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+pub fn query(sql: &str) -> Vec<u8> {
+    let mut body = sql.as_bytes().to_vec();
+    body.push(0);
+    frame(b'Q', &body)
+}
+
+impl RawClient {
+    pub async fn connect(address: SocketAddr) -> RawClient {
+        RawClient {
+            stream: TcpStream::connect(address).await.expect("tcp connect"),
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// Connects and completes startup as `postgres`; returns the messages
+    /// up to and including the first ReadyForQuery.
+    pub async fn login(address: SocketAddr) -> (RawClient, Vec<Message>) {
+        let mut client = RawClient::connect(address).await;
+        client
+            .send(&startup_packet(196_608, &[("user", "postgres"), ("database", "postgres")]))
+            .await;
+        let greeting = client.until_ready().await;
+        (client, greeting)
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.expect("send");
+    }
+
+    /// Sends, ignoring a connection the proxy already closed.
+    pub async fn send_lenient(&mut self, bytes: &[u8]) {
+        let _ = self.stream.write_all(bytes).await;
+    }
+
+    /// The next message, or `None` at end of stream.
+    pub async fn message(&mut self) -> Option<Message> {
+        loop {
+            if self.buf.len() >= 5 {
+                let len = i32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
+                if self.buf.len() > len {
+                    let tag = self.buf[0];
+                    self.buf.advance(5);
+                    let body = self.buf.split_to(len - 4).freeze();
+                    return Some(Message { tag, body });
+                }
+            }
+            let read = tokio::time::timeout(Duration::from_secs(30), self.stream.read_buf(&mut self.buf))
+                .await
+                .expect("a message within 30s")
+                .unwrap_or(0);
+            if read == 0 {
+                return None;
+            }
+        }
+    }
+
+    /// A single byte (the answer to SSLRequest / GSSENCRequest).
+    pub async fn byte(&mut self) -> u8 {
+        if let Some(&first) = self.buf.first() {
+            self.buf.advance(1);
+            return first;
+        }
+        let mut one = [0u8; 1];
+        self.stream.read_exact(&mut one).await.expect("one byte");
+        one[0]
+    }
+
+    pub async fn until_ready(&mut self) -> Vec<Message> {
+        let mut messages = Vec::new();
+        loop {
+            let message = self.message().await.expect("connection closed before ReadyForQuery");
+            let done = message.tag == b'Z';
+            messages.push(message);
+            if done {
+                return messages;
+            }
+        }
+    }
+
+    /// Reads to the end of the stream and returns the messages.
+    pub async fn until_closed(&mut self) -> Vec<Message> {
+        let mut messages = Vec::new();
+        while let Some(message) = self.message().await {
+            messages.push(message);
+        }
+        messages
+    }
+}
+
+/// The process id a greeting's BackendKeyData carries.
+pub fn backend_pid(greeting: &[Message]) -> i32 {
+    let key = greeting.iter().find(|m| m.tag == b'K').expect("BackendKeyData");
+    i32::from_be_bytes([key.body[0], key.body[1], key.body[2], key.body[3]])
+}
+
+/// Runs a statement directly on the cluster and returns the first column
+/// of the first row as text.
+pub async fn scalar(client: &Client, sql: &str) -> String {
+    let rows = client.simple_query(sql).await.expect("query");
+    rows.iter()
+        .find_map(|message| match message {
+            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
+/// Waits until `check` holds, polling; panics with `what` after `limit`.
+pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = std::time::Instant::now();
+    while started.elapsed() < limit {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("not within {limit:?}: {what}");
+}
