@@ -86,33 +86,54 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     })
     .context("cannot start a throwaway PostgreSQL")?;
     let pgbench = cluster.install().bin("pgbench");
-    let work = tempfile::Builder::new().prefix("reprise-bench-").tempdir()?;
-    println!("PostgreSQL on port {}; initializing pgbench scale {} …", cluster.port(), args.scale);
+    let work = tempfile::Builder::new()
+        .prefix("reprise-bench-")
+        .tempdir()?;
+    println!(
+        "PostgreSQL on port {}; initializing pgbench scale {} …",
+        cluster.port(),
+        args.scale
+    );
     let init = Command::new(&pgbench)
         .args(["-i", "-q", "-s", &args.scale.to_string()])
         .args(connection_args(cluster.host(), cluster.port()))
         .output()
         .context("cannot run pgbench -i")?;
     if !init.status.success() {
-        bail!("pgbench -i failed: {}", String::from_utf8_lossy(&init.stderr));
+        bail!(
+            "pgbench -i failed: {}",
+            String::from_utf8_lossy(&init.stderr)
+        );
     }
 
     let reprise_port = throwaway_pg::lease_port()?;
     let reprise = start_reprise(work.path(), reprise_port.port(), cluster.port())?;
-    let mut targets = vec![(Target::Direct, cluster.port()), (Target::Reprise, reprise_port.port())];
+    let mut targets = vec![
+        (Target::Direct, cluster.port()),
+        (Target::Reprise, reprise_port.port()),
+    ];
     let mut _pgbouncer = None;
     let pgbouncer_port = throwaway_pg::lease_port()?;
     if !args.no_pgbouncer {
         match find_pgbouncer(!args.no_install) {
             Some(binary) => {
-                _pgbouncer = Some(start_pgbouncer(&binary, work.path(), pgbouncer_port.port(), &cluster, max_clients)?);
+                _pgbouncer = Some(start_pgbouncer(
+                    &binary,
+                    work.path(),
+                    pgbouncer_port.port(),
+                    &cluster,
+                    max_clients,
+                )?);
                 targets.push((Target::PgBouncer, pgbouncer_port.port()));
             }
-            None => println!("PgBouncer is not installed and could not be installed: comparing with direct only"),
+            None => println!(
+                "PgBouncer is not installed and could not be installed: comparing with direct only"
+            ),
         }
     }
     for (target, port) in &targets {
-        wait_for_port(*port).with_context(|| format!("{} does not accept connections", target.name()))?;
+        wait_for_port(*port)
+            .with_context(|| format!("{} does not accept connections", target.name()))?;
     }
     let _reprise = reprise;
 
@@ -126,7 +147,11 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     for (target, _) in &targets {
         write!(report, " {:>12}", format!("{} tps", target.name()))?;
     }
-    writeln!(report, " {:>15} {:>18}", "reprise/direct", "reprise/pgbouncer")?;
+    writeln!(
+        report,
+        " {:>15} {:>18}",
+        "reprise/direct", "reprise/pgbouncer"
+    )?;
     for mode in &args.modes {
         for &clients in &args.clients {
             let mut samples: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
@@ -136,9 +161,14 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
                 for offset in 0..targets.len() {
                     let index = (pair + offset) % targets.len();
                     let (target, port) = targets[index];
-                    let tps = run_pgbench(&pgbench, mode, clients, args.threads, args.seconds, port)
-                        .with_context(|| format!("pgbench against {}", target.name()))?;
-                    println!("  {mode:<8} c={clients:<3} run {} {:<9} {tps:>10.0} tps", pair + 1, target.name());
+                    let tps =
+                        run_pgbench(&pgbench, mode, clients, args.threads, args.seconds, port)
+                            .with_context(|| format!("pgbench against {}", target.name()))?;
+                    println!(
+                        "  {mode:<8} c={clients:<3} run {} {:<9} {tps:>10.0} tps",
+                        pair + 1,
+                        target.name()
+                    );
                     samples[index].push(tps);
                 }
             }
@@ -152,7 +182,9 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
             writeln!(
                 report,
                 " {versus_direct:>15.3} {:>18}",
-                versus_pgbouncer.map(|r| format!("{r:.3}")).unwrap_or_else(|| "-".to_owned())
+                versus_pgbouncer
+                    .map(|r| format!("{r:.3}"))
+                    .unwrap_or_else(|| "-".to_owned())
             )?;
         }
     }
@@ -172,17 +204,33 @@ fn connection_args(host: &str, port: u16) -> Vec<String> {
     ]
 }
 
-fn run_pgbench(pgbench: &Path, mode: &str, clients: u32, threads: u32, seconds: u32, port: u16) -> anyhow::Result<f64> {
+fn run_pgbench(
+    pgbench: &Path,
+    mode: &str,
+    clients: u32,
+    threads: u32,
+    seconds: u32,
+    port: u16,
+) -> anyhow::Result<f64> {
     let output = Command::new(pgbench)
         .args(["-S", "-n", "-M", mode])
-        .args(["-c", &clients.to_string(), "-j", &threads.min(clients).to_string()])
+        .args([
+            "-c",
+            &clients.to_string(),
+            "-j",
+            &threads.min(clients).to_string(),
+        ])
         .args(["-T", &seconds.to_string()])
         .args(connection_args("127.0.0.1", port))
         .output()
         .context("cannot run pgbench")?;
     let stdout = String::from_utf8_lossy(&output.stdout);
     if !output.status.success() {
-        bail!("pgbench failed: {}{}", stdout, String::from_utf8_lossy(&output.stderr));
+        bail!(
+            "pgbench failed: {}{}",
+            stdout,
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
     parse_tps(&stdout).with_context(|| format!("no tps line in pgbench output:\n{stdout}"))
 }
@@ -220,8 +268,17 @@ fn start_reprise(work: &Path, port: u16, server_port: u16) -> anyhow::Result<Gua
 }
 
 fn find_pgbouncer(install: bool) -> Option<PathBuf> {
-    let candidates = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer", "/usr/local/bin/pgbouncer"];
-    let found = || candidates.iter().map(PathBuf::from).find(|path| path.exists());
+    let candidates = [
+        "/usr/sbin/pgbouncer",
+        "/usr/bin/pgbouncer",
+        "/usr/local/bin/pgbouncer",
+    ];
+    let found = || {
+        candidates
+            .iter()
+            .map(PathBuf::from)
+            .find(|path| path.exists())
+    };
     if let Some(path) = found() {
         return Some(path);
     }
@@ -279,7 +336,11 @@ fn start_pgbouncer(
         throwaway_pg::give_to_server_user(&dir.join(file))?;
     }
     let mut command = Command::new(binary);
-    command.arg(&ini).current_dir(&dir).stdout(Stdio::null()).stderr(Stdio::null());
+    command
+        .arg(&ini)
+        .current_dir(&dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
     throwaway_pg::run_unprivileged(&mut command)?;
     Ok(Guarded(command.spawn().context("cannot start pgbouncer")?))
 }

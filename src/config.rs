@@ -72,7 +72,9 @@ impl FromStr for HumanSize {
     fn from_str(text: &str) -> Result<Self, String> {
         bytesize::ByteSize::from_str(text.trim())
             .map(|size| HumanSize(size.as_u64()))
-            .map_err(|err| format!("invalid size {text:?} ({err}); write it with a unit, such as \"64MiB\""))
+            .map_err(|err| {
+                format!("invalid size {text:?} ({err}); write it with a unit, such as \"64MiB\"")
+            })
     }
 }
 
@@ -117,9 +119,9 @@ impl Backend {
         let (host, port) = address
             .rsplit_once(':')
             .ok_or_else(|| format!("--backend {text:?}: expected NAME=HOST:PORT"))?;
-        let port = port
-            .parse()
-            .map_err(|_| format!("--backend {text:?}: port {port:?} is not a number from 1 to 65535"))?;
+        let port = port.parse().map_err(|_| {
+            format!("--backend {text:?}: port {port:?} is not a number from 1 to 65535")
+        })?;
         let host = host.trim_start_matches('[').trim_end_matches(']');
         Ok(Backend {
             name: name.to_owned(),
@@ -281,7 +283,10 @@ impl Config {
         let mut names = std::collections::HashSet::new();
         for (index, backend) in self.backends.iter().enumerate() {
             if backend.name.is_empty() {
-                return Err(ConfigError::invalid(format!("backend[{index}].name"), "must not be empty"));
+                return Err(ConfigError::invalid(
+                    format!("backend[{index}].name"),
+                    "must not be empty",
+                ));
             }
             if !names.insert(&backend.name) {
                 return Err(ConfigError::invalid(
@@ -290,40 +295,67 @@ impl Config {
                 ));
             }
             if backend.host.is_empty() {
-                return Err(ConfigError::invalid(format!("backend[{index}].host"), "must not be empty"));
+                return Err(ConfigError::invalid(
+                    format!("backend[{index}].host"),
+                    "must not be empty",
+                ));
             }
             if backend.port == 0 {
-                return Err(ConfigError::invalid(format!("backend[{index}].port"), "must be from 1 to 65535"));
+                return Err(ConfigError::invalid(
+                    format!("backend[{index}].port"),
+                    "must be from 1 to 65535",
+                ));
             }
         }
         if self.max_client_conn == 0 {
-            return Err(ConfigError::invalid("max_client_conn", "must be at least 1"));
+            return Err(ConfigError::invalid(
+                "max_client_conn",
+                "must be at least 1",
+            ));
         }
         if self.connect_timeout.0.is_zero() {
-            return Err(ConfigError::invalid("connect_timeout", "must be longer than zero"));
+            return Err(ConfigError::invalid(
+                "connect_timeout",
+                "must be longer than zero",
+            ));
         }
         if !(MIN_MESSAGE_SIZE..=MAX_MESSAGE_SIZE).contains(&self.max_message_size.0) {
             return Err(ConfigError::invalid(
                 "max_message_size",
-                format!("must be from 64KiB to 1GiB, got {} bytes", self.max_message_size.0),
+                format!(
+                    "must be from 64KiB to 1GiB, got {} bytes",
+                    self.max_message_size.0
+                ),
             ));
         }
         if self.tcp_keepalive.enabled {
             if self.tcp_keepalive.idle.0 < Duration::from_secs(1) {
-                return Err(ConfigError::invalid("tcp_keepalive.idle", "must be at least 1s"));
+                return Err(ConfigError::invalid(
+                    "tcp_keepalive.idle",
+                    "must be at least 1s",
+                ));
             }
             if self.tcp_keepalive.interval.0 < Duration::from_secs(1) {
-                return Err(ConfigError::invalid("tcp_keepalive.interval", "must be at least 1s"));
+                return Err(ConfigError::invalid(
+                    "tcp_keepalive.interval",
+                    "must be at least 1s",
+                ));
             }
             if self.tcp_keepalive.count == 0 {
-                return Err(ConfigError::invalid("tcp_keepalive.count", "must be at least 1"));
+                return Err(ConfigError::invalid(
+                    "tcp_keepalive.count",
+                    "must be at least 1",
+                ));
             }
         }
         if self.data_dir.as_os_str().is_empty() {
             return Err(ConfigError::invalid("data_dir", "must not be empty"));
         }
         if let Err(err) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
-            return Err(ConfigError::invalid("log_level", format!("{:?} is not a valid filter: {err}", self.log_level)));
+            return Err(ConfigError::invalid(
+                "log_level",
+                format!("{:?} is not a valid filter: {err}", self.log_level),
+            ));
         }
         Ok(())
     }
@@ -383,8 +415,14 @@ mod tests {
 
     #[test]
     fn units() {
-        assert_eq!("5min".parse::<HumanDuration>().expect("ok").0, Duration::from_secs(300));
-        assert_eq!("64MiB".parse::<HumanSize>().expect("ok").0, 64 * 1024 * 1024);
+        assert_eq!(
+            "5min".parse::<HumanDuration>().expect("ok").0,
+            Duration::from_secs(300)
+        );
+        assert_eq!(
+            "64MiB".parse::<HumanSize>().expect("ok").0,
+            64 * 1024 * 1024
+        );
         assert!("12".parse::<HumanDuration>().is_err());
         assert!("lots".parse::<HumanSize>().is_err());
     }
@@ -393,20 +431,31 @@ mod tests {
     fn errors_name_the_key() {
         let unknown = parse("lisen = \"127.0.0.1:1\"\n").expect_err("unknown key");
         assert!(unknown.contains("lisen"), "{unknown}");
-        let duration = parse("connect_timeout = \"3 parsecs\"\n[[backend]]\nname=\"a\"\nhost=\"h\"\n").expect_err("bad unit");
-        assert!(duration.contains("connect_timeout") && duration.contains("invalid duration"), "{duration}");
+        let duration =
+            parse("connect_timeout = \"3 parsecs\"\n[[backend]]\nname=\"a\"\nhost=\"h\"\n")
+                .expect_err("bad unit");
+        assert!(
+            duration.contains("connect_timeout") && duration.contains("invalid duration"),
+            "{duration}"
+        );
         let no_backend = parse("").expect_err("no backend");
         assert!(no_backend.contains("`backend`"), "{no_backend}");
-        let dup = parse("[[backend]]\nname=\"a\"\nhost=\"h\"\n[[backend]]\nname=\"a\"\nhost=\"h\"\n").expect_err("dup");
+        let dup =
+            parse("[[backend]]\nname=\"a\"\nhost=\"h\"\n[[backend]]\nname=\"a\"\nhost=\"h\"\n")
+                .expect_err("dup");
         assert!(dup.contains("backend[1].name"), "{dup}");
-        let size = parse("max_message_size = \"1KiB\"\n[[backend]]\nname=\"a\"\nhost=\"h\"\n").expect_err("small");
+        let size = parse("max_message_size = \"1KiB\"\n[[backend]]\nname=\"a\"\nhost=\"h\"\n")
+            .expect_err("small");
         assert!(size.contains("max_message_size"), "{size}");
     }
 
     #[test]
     fn backend_flag() {
         let backend = Backend::parse_flag("main=db.example:5433").expect("ok");
-        assert_eq!((backend.name.as_str(), backend.host.as_str(), backend.port), ("main", "db.example", 5433));
+        assert_eq!(
+            (backend.name.as_str(), backend.host.as_str(), backend.port),
+            ("main", "db.example", 5433)
+        );
         let v6 = Backend::parse_flag("v6=[::1]:5432").expect("ok");
         assert_eq!(v6.host, "::1");
         assert_eq!(v6.address(), "[::1]:5432");

@@ -12,9 +12,15 @@ pub const LOCK_FILE: &str = "reprise.lock";
 #[derive(Debug, thiserror::Error)]
 pub enum DataDirError {
     #[error("cannot create data_dir {path}: {source}")]
-    Create { path: PathBuf, source: std::io::Error },
+    Create {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot open lock file {path}: {source}")]
-    Open { path: PathBuf, source: std::io::Error },
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("data_dir {path} is in use by another Reprise process{}", holder.map(|pid| format!(" (pid {pid})")).unwrap_or_default())]
     InUse { path: PathBuf, holder: Option<u32> },
 }
@@ -78,7 +84,10 @@ mod tests {
         let err = DataDirLock::acquire(dir.path()).expect_err("second lock must fail");
         let message = err.to_string();
         assert!(message.contains("in use"), "{message}");
-        assert!(message.contains(&std::process::id().to_string()), "{message}");
+        assert!(
+            message.contains(&std::process::id().to_string()),
+            "{message}"
+        );
         drop(first);
         DataDirLock::acquire(dir.path()).expect("lock is free again");
     }

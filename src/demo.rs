@@ -33,13 +33,19 @@ pub struct DemoArgs {
 }
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
-    let subscriber = tracing_subscriber::fmt().with_env_filter("warn").with_writer(std::io::stderr).finish();
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter("warn")
+        .with_writer(std::io::stderr)
+        .finish();
     let _ = tracing::subscriber::set_global_default(subscriber);
 
     // The cluster lives in this scope, so every exit path below (errors and
     // Ctrl-C included) drops it, which stops the server and deletes its files.
     let (cluster, backend) = match &args.backend {
-        Some(address) => (None, Backend::parse_flag(&format!("given={address}")).map_err(anyhow::Error::msg)?),
+        Some(address) => (
+            None,
+            Backend::parse_flag(&format!("given={address}")).map_err(anyhow::Error::msg)?,
+        ),
         None => {
             println!("Starting a throwaway PostgreSQL cluster …");
             let cluster = tokio::task::spawn_blocking(throwaway_pg::Cluster::start)
@@ -47,7 +53,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
                 .context("cannot start a throwaway PostgreSQL (are the PostgreSQL server binaries installed?)")?;
             println!(
                 "  PostgreSQL {} on {}:{} (data in {})",
-                cluster.install().major_version().map(|v| v.to_string()).unwrap_or_default(),
+                cluster
+                    .install()
+                    .major_version()
+                    .map(|v| v.to_string())
+                    .unwrap_or_default(),
                 cluster.host(),
                 cluster.port(),
                 cluster.data_dir().display()
@@ -74,7 +84,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let address = proxy.local_addr();
     let handle = proxy.handle();
     let proxy_task = tokio::spawn(proxy.run());
-    println!("Reprise listens on {address}, in front of {} ({})", backend.name, backend.address());
+    println!(
+        "Reprise listens on {address}, in front of {} ({})",
+        backend.name,
+        backend.address()
+    );
 
     let outcome = tokio::select! {
         outcome = workload(&args, address) => outcome,
@@ -104,7 +118,10 @@ fn conn_string(user: &str, address: std::net::SocketAddr) -> String {
 async fn connect(
     user: &str,
     address: std::net::SocketAddr,
-) -> anyhow::Result<(tokio_postgres::Client, tokio::sync::mpsc::UnboundedReceiver<AsyncMessage>)> {
+) -> anyhow::Result<(
+    tokio_postgres::Client,
+    tokio::sync::mpsc::UnboundedReceiver<AsyncMessage>,
+)> {
     let (client, mut connection) = tokio_postgres::connect(&conn_string(user, address), NoTls)
         .await
         .context("cannot connect through Reprise")?;
@@ -125,7 +142,10 @@ async fn workload(args: &DemoArgs, address: std::net::SocketAddr) -> anyhow::Res
         .await?;
     let version: String = row.get(0);
     let pid: i32 = row.get(1);
-    println!("\n1. Connected through Reprise as {}: {version}", row.get::<_, String>(2));
+    println!(
+        "\n1. Connected through Reprise as {}: {version}",
+        row.get::<_, String>(2)
+    );
     println!("   backend pid {pid}: the client sees the server's own process id");
 
     client
@@ -138,9 +158,13 @@ async fn workload(args: &DemoArgs, address: std::net::SocketAddr) -> anyhow::Res
         .prepare("insert into reprise_demo values ($1, $2, $3)")
         .await?;
     for id in 0..100 {
-        client.execute(&insert, &[&id, &1000_i64, &format!("account {id}")]).await?;
+        client
+            .execute(&insert, &[&id, &1000_i64, &format!("account {id}")])
+            .await?;
     }
-    println!("2. Created a table and inserted 100 rows with a prepared statement (extended protocol)");
+    println!(
+        "2. Created a table and inserted 100 rows with a prepared statement (extended protocol)"
+    );
 
     let sink = client
         .copy_in("copy reprise_demo (id, balance, note) from stdin")
@@ -195,23 +219,27 @@ async fn workload(args: &DemoArgs, address: std::net::SocketAddr) -> anyhow::Res
     let cancelled = client.simple_query("select pg_sleep(30)").await;
     let started = sleeper.await?;
     match cancelled {
-        Err(err) if err.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED) => println!(
-            "5. Cancelled a pg_sleep(30) after {:.1}s through the proxy's cancel-key map",
-            started.elapsed().as_secs_f64()
-        ),
+        Err(err) if err.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED) => {
+            println!(
+                "5. Cancelled a pg_sleep(30) after {:.1}s through the proxy's cancel-key map",
+                started.elapsed().as_secs_f64()
+            )
+        }
         Err(err) => bail!("the cancelled query failed differently: {err}"),
         Ok(_) => bail!("the cancel request did not reach the server"),
     }
 
     let total = (args.sessions * args.transactions) as u64;
     println!(
-        "6. Load: {} sessions × {} transactions (select, update, insert, commit)",
+        "6. Load: {} sessions × {} transactions (begin, select, update, commit)",
         args.sessions, args.transactions
     );
     let bar = ProgressBar::new(total);
     bar.set_style(
-        ProgressStyle::with_template("   [{elapsed_precise}] {bar:40} {pos}/{len} transactions ({per_sec})")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template(
+            "   [{elapsed_precise}] {bar:40} {pos}/{len} transactions ({per_sec})",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let done = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
@@ -222,7 +250,9 @@ async fn workload(args: &DemoArgs, address: std::net::SocketAddr) -> anyhow::Res
         let done = Arc::clone(&done);
         let transactions = args.transactions;
         workers.push(tokio::spawn(async move {
-            let select = session.prepare("select balance from reprise_demo where id = $1").await?;
+            let select = session
+                .prepare("select balance from reprise_demo where id = $1")
+                .await?;
             let update = session
                 .prepare("update reprise_demo set balance = balance + $2 where id = $1")
                 .await?;

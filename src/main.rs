@@ -16,7 +16,11 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{reload, EnvFilter, Layer};
 
 #[derive(Parser, Debug)]
-#[command(name = "reprise", version, about = "A PostgreSQL proxy that keeps sessions alive through backend failures")]
+#[command(
+    name = "reprise",
+    version,
+    about = "A PostgreSQL proxy that keeps sessions alive through backend failures"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -72,11 +76,17 @@ fn main() -> anyhow::Result<()> {
 type FilterHandle = reload::Handle<EnvFilter, tracing_subscriber::Registry>;
 
 fn init_logging(config: &Config) -> anyhow::Result<FilterHandle> {
-    let filter = EnvFilter::try_new(&config.log_level)
-        .with_context(|| format!("config key `log_level`: invalid filter {:?}", config.log_level))?;
+    let filter = EnvFilter::try_new(&config.log_level).with_context(|| {
+        format!(
+            "config key `log_level`: invalid filter {:?}",
+            config.log_level
+        )
+    })?;
     let (filter, handle) = reload::Layer::new(filter);
     let format = match config.log_format {
-        LogFormat::Text => tracing_subscriber::fmt::layer().with_writer(std::io::stderr).boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
             .with_current_span(true)
@@ -99,9 +109,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         users_file: args.users_file,
         log_format: args.log_format,
     };
-    let config = Config::load(args.config.as_deref(), &overrides).context("refusing to start: bad configuration")?;
+    let config = Config::load(args.config.as_deref(), &overrides)
+        .context("refusing to start: bad configuration")?;
     let log_filter = init_logging(&config)?;
-    let proxy = Proxy::bind(config.clone()).await.context("refusing to start")?;
+    let proxy = Proxy::bind(config.clone())
+        .await
+        .context("refusing to start")?;
     let handle = proxy.handle();
     tracing::info!(
         listen = %proxy.local_addr(),
@@ -129,7 +142,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                     tracing::warn!("second stop signal: closing all sessions now");
                     handle.terminate();
                 } else {
-                    tracing::info!("stop signal: no new connections; sessions close as they become idle");
+                    tracing::info!(
+                        "stop signal: no new connections; sessions close as they become idle"
+                    );
                     handle.shutdown();
                     stopping = true;
                 }
@@ -144,7 +159,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
 /// SIGHUP: re-read the config file and the users file. A bad file is
 /// reported and the running configuration stays.
-fn reload(path: &Option<PathBuf>, overrides: &Overrides, handle: &reprise::ProxyHandle, log_filter: &FilterHandle) {
+fn reload(
+    path: &Option<PathBuf>,
+    overrides: &Overrides,
+    handle: &reprise::ProxyHandle,
+    log_filter: &FilterHandle,
+) {
     let config = match Config::load(path.as_deref(), overrides) {
         Ok(config) => config,
         Err(err) => {
@@ -164,6 +184,8 @@ fn reload(path: &Option<PathBuf>, overrides: &Overrides, handle: &reprise::Proxy
             }
             tracing::info!("configuration reloaded");
         }
-        Err(err) => tracing::error!(error = %err, "reload refused: keeping the running configuration"),
+        Err(err) => {
+            tracing::error!(error = %err, "reload refused: keeping the running configuration")
+        }
     }
 }

@@ -21,7 +21,10 @@ pub enum ProxyError {
     #[error(transparent)]
     Users(#[from] UsersFileError),
     #[error("cannot listen on {address}: {source}")]
-    Listen { address: String, source: std::io::Error },
+    Listen {
+        address: String,
+        source: std::io::Error,
+    },
 }
 
 /// What all sessions share. Nothing here is touched on the per-message
@@ -82,7 +85,7 @@ impl Proxy {
     pub async fn bind(config: Config) -> Result<Proxy, ProxyError> {
         let lock = DataDirLock::acquire(&config.data_dir)?;
         let users = load_users(&config)?;
-        raise_open_file_limit(config.max_open_files);
+        raise_open_file_limit(config.max_open_files, config.max_client_conn);
 
         let tcp = Listener::bind_tcp(config.listen)
             .await
@@ -96,9 +99,14 @@ impl Proxy {
         };
         let mut listeners = vec![tcp];
         if let Some(dir) = &config.unix_socket_dir {
-            let unix = Listener::bind_unix(dir, local_addr.port()).map_err(|source| ProxyError::Listen {
-                address: dir.join(format!(".s.PGSQL.{}", local_addr.port())).display().to_string(),
-                source,
+            let unix = Listener::bind_unix(dir, local_addr.port()).map_err(|source| {
+                ProxyError::Listen {
+                    address: dir
+                        .join(format!(".s.PGSQL.{}", local_addr.port()))
+                        .display()
+                        .to_string(),
+                    source,
+                }
             })?;
             listeners.push(unix);
         }
@@ -137,7 +145,9 @@ impl Proxy {
         let mut accepting = Vec::new();
         for listener in self.listeners {
             tracing::info!(listener = %listener.describe(), "accepting connections");
-            accepting.push(tokio::spawn(listener.serve(Arc::clone(&self.shared), sessions.clone())));
+            accepting.push(tokio::spawn(
+                listener.serve(Arc::clone(&self.shared), sessions.clone()),
+            ));
         }
         self.shared.draining.cancelled().await;
         for task in accepting {
@@ -150,7 +160,10 @@ impl Proxy {
             ?timeout,
             "shutting down: waiting for sessions to end"
         );
-        if tokio::time::timeout(timeout, sessions.wait()).await.is_err() {
+        if tokio::time::timeout(timeout, sessions.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!(
                 sessions = self.shared.clients.load(Ordering::Relaxed),
                 "shutdown_timeout reached: closing the remaining sessions"
@@ -214,11 +227,14 @@ impl ProxyHandle {
 /// Asks for `wanted` open files (capped by the hard limit): each session
 /// holds two sockets, and the default soft limit of 1024 would cap a proxy
 /// at about 500 sessions.
-fn raise_open_file_limit(wanted: u64) {
+fn raise_open_file_limit(wanted: u64, max_client_conn: usize) {
+    let needed = 2 * max_client_conn as u64 + 64;
     match rlimit::increase_nofile_limit(wanted) {
-        Ok(granted) if granted < wanted => {
-            tracing::warn!(granted, wanted, "open-file limit is below max_open_files (hard limit)")
-        }
+        Ok(granted) if granted < needed => tracing::warn!(
+            granted,
+            needed,
+            "the open-file limit (capped by the hard limit) is too low for max_client_conn sessions"
+        ),
         Ok(granted) => tracing::debug!(granted, "open-file limit"),
         Err(err) => tracing::warn!(error = %err, "could not raise the open-file limit"),
     }

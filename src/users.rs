@@ -70,9 +70,10 @@ impl Users {
             if trimmed.is_empty() || trimmed.starts_with('#') || trimmed.starts_with(';') {
                 continue;
             }
-            let (user, rest) = quoted(trimmed).map_err(|problem| (line_number, format!("user name: {problem}")))?;
-            let (password, rest) =
-                quoted(rest.trim_start()).map_err(|problem| (line_number, format!("password: {problem}")))?;
+            let (user, rest) = quoted(trimmed)
+                .map_err(|problem| (line_number, format!("user name: {problem}")))?;
+            let (password, rest) = quoted(rest.trim_start())
+                .map_err(|problem| (line_number, format!("password: {problem}")))?;
             if !rest.trim().is_empty() {
                 return Err((line_number, "unexpected text after the password".to_owned()));
             }
@@ -99,7 +100,9 @@ impl Users {
 
 /// Reads one double-quoted string, returning it and the text after it.
 fn quoted(text: &str) -> Result<(String, &str), String> {
-    let body = text.strip_prefix('"').ok_or("expected a double-quoted string")?;
+    let body = text
+        .strip_prefix('"')
+        .ok_or("expected a double-quoted string")?;
     let mut value = String::new();
     let mut chars = body.char_indices();
     while let Some((index, ch)) = chars.next() {
@@ -123,11 +126,19 @@ mod tests {
 
     #[test]
     fn parses_pgbouncer_format() {
-        let users = Users::parse("# comment\n\"alice\" \"s3cret\"\n\n\"bob\" \"say \"\"hi\"\"\"\n; other\n")
-            .expect("valid");
+        let users = Users::parse(
+            "# comment\n\"alice\" \"s3cret\"\n\n\"bob\" \"say \"\"hi\"\"\"\n; other\n",
+        )
+        .expect("valid");
         assert_eq!(users.len(), 2);
-        assert_eq!(users.password("alice").map(Password::expose), Some("s3cret"));
-        assert_eq!(users.password("bob").map(Password::expose), Some("say \"hi\""));
+        assert_eq!(
+            users.password("alice").map(Password::expose),
+            Some("s3cret")
+        );
+        assert_eq!(
+            users.password("bob").map(Password::expose),
+            Some("say \"hi\"")
+        );
         assert!(users.password("carol").is_none());
     }
 

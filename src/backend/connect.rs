@@ -133,18 +133,19 @@ async fn handshake(
             }
             b'S' | b'N' => greeting.extend_from_slice(&frame),
             b'K' => {
-                key = Some(
-                    server_msg::backend_key(&frame)
-                        .ok_or_else(|| ConnectError::Protocol("malformed BackendKeyData".to_owned()))?,
-                )
+                key =
+                    Some(server_msg::backend_key(&frame).ok_or_else(|| {
+                        ConnectError::Protocol("malformed BackendKeyData".to_owned())
+                    })?)
             }
             // The server may tell us it does not know a minor version or
             // option; Reprise always asks for plain 3.0, so there is nothing
             // to adjust.
             b'v' => {}
             b'Z' => {
-                let (process_id, secret_key) =
-                    key.ok_or_else(|| ConnectError::Protocol("ReadyForQuery before BackendKeyData".to_owned()))?;
+                let (process_id, secret_key) = key.ok_or_else(|| {
+                    ConnectError::Protocol("ReadyForQuery before BackendKeyData".to_owned())
+                })?;
                 return Ok(ServerConnection {
                     stream,
                     backend: backend.clone(),
@@ -190,7 +191,10 @@ fn authenticate(
         backend::Message::AuthenticationOk => return Ok(None),
         backend::Message::AuthenticationCleartextPassword => {
             let password = need_password("password")?;
-            sent(frontend::password_message(password.expose().as_bytes(), &mut reply))?;
+            sent(frontend::password_message(
+                password.expose().as_bytes(),
+                &mut reply,
+            ))?;
         }
         backend::Message::AuthenticationMd5Password(body) => {
             let password = need_password("md5")?;
@@ -202,40 +206,58 @@ fn authenticate(
             let mut mechanisms = body.mechanisms();
             let mut offers_scram = false;
             while let Some(mechanism) = fallible_iterator::FallibleIterator::next(&mut mechanisms)
-                .map_err(|err| ConnectError::Protocol(format!("malformed SASL mechanism list: {err}")))?
-            {
+                .map_err(|err| {
+                ConnectError::Protocol(format!("malformed SASL mechanism list: {err}"))
+            })? {
                 offers_scram |= mechanism == sasl::SCRAM_SHA_256;
             }
             if !offers_scram {
-                return Err(ConnectError::UnsupportedAuth("a SASL mechanism other than SCRAM-SHA-256"));
+                return Err(ConnectError::UnsupportedAuth(
+                    "a SASL mechanism other than SCRAM-SHA-256",
+                ));
             }
             // Channel binding needs TLS towards the server, which this
             // connection does not use.
-            let client = sasl::ScramSha256::new(password.expose().as_bytes(), sasl::ChannelBinding::unsupported());
-            sent(frontend::sasl_initial_response(sasl::SCRAM_SHA_256, client.message(), &mut reply))?;
+            let client = sasl::ScramSha256::new(
+                password.expose().as_bytes(),
+                sasl::ChannelBinding::unsupported(),
+            );
+            sent(frontend::sasl_initial_response(
+                sasl::SCRAM_SHA_256,
+                client.message(),
+                &mut reply,
+            ))?;
             *scram = Some(client);
         }
         backend::Message::AuthenticationSaslContinue(body) => {
-            let client = scram
-                .as_mut()
-                .ok_or_else(|| ConnectError::Protocol("SASL continue without a SASL exchange".to_owned()))?;
+            let client = scram.as_mut().ok_or_else(|| {
+                ConnectError::Protocol("SASL continue without a SASL exchange".to_owned())
+            })?;
             client.update(body.data()).map_err(ConnectError::Scram)?;
             sent(frontend::sasl_response(client.message(), &mut reply))?;
         }
         backend::Message::AuthenticationSaslFinal(body) => {
-            let client = scram
-                .as_mut()
-                .ok_or_else(|| ConnectError::Protocol("SASL final without a SASL exchange".to_owned()))?;
+            let client = scram.as_mut().ok_or_else(|| {
+                ConnectError::Protocol("SASL final without a SASL exchange".to_owned())
+            })?;
             client.finish(body.data()).map_err(ConnectError::Scram)?;
             return Ok(None);
         }
-        backend::Message::AuthenticationKerberosV5 => return Err(ConnectError::UnsupportedAuth("Kerberos V5")),
-        backend::Message::AuthenticationScmCredential => return Err(ConnectError::UnsupportedAuth("SCM credentials")),
+        backend::Message::AuthenticationKerberosV5 => {
+            return Err(ConnectError::UnsupportedAuth("Kerberos V5"))
+        }
+        backend::Message::AuthenticationScmCredential => {
+            return Err(ConnectError::UnsupportedAuth("SCM credentials"))
+        }
         backend::Message::AuthenticationGss | backend::Message::AuthenticationGssContinue(_) => {
             return Err(ConnectError::UnsupportedAuth("GSSAPI"))
         }
         backend::Message::AuthenticationSspi => return Err(ConnectError::UnsupportedAuth("SSPI")),
-        _ => return Err(ConnectError::Protocol("unknown authentication request".to_owned())),
+        _ => {
+            return Err(ConnectError::Protocol(
+                "unknown authentication request".to_owned(),
+            ))
+        }
     }
     Ok(Some(reply))
 }
@@ -265,7 +287,12 @@ pub async fn send_cancel(
     };
     tokio::time::timeout(timeout, attempt)
         .await
-        .unwrap_or_else(|_| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "cancel request timed out")))
+        .unwrap_or_else(|_| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "cancel request timed out",
+            ))
+        })
 }
 
 /// Reads whole frames during the handshake.
@@ -296,7 +323,10 @@ impl FrameReader {
                 }
                 Ok(Next::Incomplete { .. }) => {
                     self.buf.reserve(8 * 1024);
-                    let read = stream.read_buf(&mut self.buf).await.map_err(ConnectError::Lost)?;
+                    let read = stream
+                        .read_buf(&mut self.buf)
+                        .await
+                        .map_err(ConnectError::Lost)?;
                     if read == 0 {
                         return Err(ConnectError::Lost(std::io::ErrorKind::UnexpectedEof.into()));
                     }

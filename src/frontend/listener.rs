@@ -16,7 +16,10 @@ use crate::proxy::Shared;
 #[derive(Debug)]
 pub enum Listener {
     Tcp(TcpListener),
-    Unix { listener: UnixListener, path: PathBuf },
+    Unix {
+        listener: UnixListener,
+        path: PathBuf,
+    },
 }
 
 impl Listener {
@@ -76,7 +79,10 @@ impl Listener {
                     let id = shared.next_session_id();
                     let span = tracing::info_span!("session", id, peer = %client.peer());
                     let shared = Arc::clone(&shared);
-                    sessions.spawn(tracing::Instrument::instrument(handle_connection(client, shared), span));
+                    sessions.spawn(tracing::Instrument::instrument(
+                        handle_connection(client, shared),
+                        span,
+                    ));
                 }
                 Err(err) => {
                     // Out of file descriptors or a connection reset before

@@ -25,7 +25,8 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 /// Takes a freshly accepted connection through the startup phase and, if it
 /// asks for a session, runs it.
 pub async fn handle_connection(mut client: ClientStream, shared: Arc<Shared>) {
-    let startup = match tokio::time::timeout(STARTUP_TIMEOUT, negotiate(&mut client, &shared)).await {
+    let startup = match tokio::time::timeout(STARTUP_TIMEOUT, negotiate(&mut client, &shared)).await
+    {
         Ok(Ok(Some(startup))) => startup,
         Ok(Ok(None)) => return,
         Ok(Err(err)) => {
@@ -36,7 +37,12 @@ pub async fn handle_connection(mut client: ClientStream, shared: Arc<Shared>) {
             return;
         }
         Err(_) => {
-            refuse(&mut client, sqlstate::PROTOCOL_VIOLATION, "startup packet not received in time").await;
+            refuse(
+                &mut client,
+                sqlstate::PROTOCOL_VIOLATION,
+                "startup packet not received in time",
+            )
+            .await;
             return;
         }
     };
@@ -50,7 +56,10 @@ pub async fn handle_connection(mut client: ClientStream, shared: Arc<Shared>) {
         .await;
         return;
     }
-    if startup.get("replication").is_some_and(|value| value != b"false" && value != b"0" && value != b"off") {
+    if startup
+        .get("replication")
+        .is_some_and(|value| value != b"false" && value != b"0" && value != b"off")
+    {
         refuse(
             &mut client,
             sqlstate::FEATURE_NOT_SUPPORTED,
@@ -60,7 +69,12 @@ pub async fn handle_connection(mut client: ClientStream, shared: Arc<Shared>) {
         return;
     }
     if shared.draining.is_cancelled() {
-        refuse(&mut client, sqlstate::CANNOT_CONNECT_NOW, "Reprise is shutting down").await;
+        refuse(
+            &mut client,
+            sqlstate::CANNOT_CONNECT_NOW,
+            "Reprise is shutting down",
+        )
+        .await;
         return;
     }
     let Some(_slot) = ClientSlot::take(&shared) else {
@@ -94,8 +108,13 @@ async fn negotiate(
 ) -> Result<Option<startup::StartupMessage>, StartupError> {
     loop {
         match startup::read_packet(client).await? {
-            StartupPacket::SslRequest | StartupPacket::GssEncRequest => client.write_all(b"N").await?,
-            StartupPacket::Cancel { process_id, secret_key } => {
+            StartupPacket::SslRequest | StartupPacket::GssEncRequest => {
+                client.write_all(b"N").await?
+            }
+            StartupPacket::Cancel {
+                process_id,
+                secret_key,
+            } => {
                 session::cancel(
                     shared,
                     ClientKey {
@@ -131,7 +150,9 @@ impl ClientSlot {
         let limit = shared.config().max_client_conn;
         shared
             .clients
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |active| (active < limit).then_some(active + 1))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |active| {
+                (active < limit).then_some(active + 1)
+            })
             .ok()
             .map(|_| ClientSlot {
                 shared: Arc::clone(shared),

@@ -55,7 +55,9 @@ impl CancelRegistry {
                 Entry::Occupied(_) => {
                     // Keep the pid the client will see in pg_backend_pid()
                     // when only the secret needs to change.
-                    key = if key.process_id == wanted.process_id && key.secret_key == wanted.secret_key {
+                    key = if key.process_id == wanted.process_id
+                        && key.secret_key == wanted.secret_key
+                    {
                         ClientKey {
                             process_id: wanted.process_id,
                             secret_key: rand::random(),
@@ -142,10 +144,20 @@ mod tests {
         let second = registry.register(wanted, target(200));
         assert_eq!(first.key(), wanted);
         assert_ne!(second.key(), wanted);
-        assert_eq!(second.key().process_id, 100, "the pid stays when only the secret must change");
-        assert_eq!(registry.lookup(second.key()).map(|t| t.process_id), Some(200));
+        assert_eq!(
+            second.key().process_id,
+            100,
+            "the pid stays when only the secret must change"
+        );
+        assert_eq!(
+            registry.lookup(second.key()).map(|t| t.process_id),
+            Some(200)
+        );
         second.retarget(target(300));
-        assert_eq!(registry.lookup(second.key()).map(|t| t.process_id), Some(300));
+        assert_eq!(
+            registry.lookup(second.key()).map(|t| t.process_id),
+            Some(300)
+        );
         drop(first);
         assert!(registry.lookup(wanted).is_none());
         assert_eq!(registry.len(), 1);

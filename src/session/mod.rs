@@ -17,11 +17,11 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::backend::{self, ConnectError, ServerConnection};
 use crate::proxy::Shared;
+use crate::wire::backend as server_msg;
 use crate::wire::frame::{self, Next};
 use crate::wire::frontend::{self, FrontendKind};
 use crate::wire::reply::{self, sqlstate};
 use crate::wire::startup::StartupMessage;
-use crate::wire::backend as server_msg;
 use cancel::{CancelHandle, CancelTarget, ClientKey};
 use relay::{Event, Relay};
 
@@ -71,7 +71,11 @@ where
 {
     let config = shared.config();
     let Some(backend) = config.backends.first().cloned() else {
-        goodbye(&mut client, reply::fatal(sqlstate::CLIENT_CANNOT_CONNECT, "no backend is configured")).await;
+        goodbye(
+            &mut client,
+            reply::fatal(sqlstate::CLIENT_CANNOT_CONNECT, "no backend is configured"),
+        )
+        .await;
         return;
     };
     let user = startup.get_lossy("user").unwrap_or_default();
@@ -91,8 +95,12 @@ where
             tracing::warn!(backend = %backend.name, error = %err, "could not open a server connection");
             let answer = match &err {
                 ConnectError::Refused { frame, .. } => BytesMut::from(&frame[..]),
-                ConnectError::NoPassword { .. } => reply::fatal(sqlstate::INVALID_PASSWORD, &err.to_string()),
-                ConnectError::UnsupportedAuth(_) => reply::fatal(sqlstate::FEATURE_NOT_SUPPORTED, &err.to_string()),
+                ConnectError::NoPassword { .. } => {
+                    reply::fatal(sqlstate::INVALID_PASSWORD, &err.to_string())
+                }
+                ConnectError::UnsupportedAuth(_) => {
+                    reply::fatal(sqlstate::FEATURE_NOT_SUPPORTED, &err.to_string())
+                }
                 _ => reply::fatal(sqlstate::CLIENT_CANNOT_CONNECT, &err.to_string()),
             };
             goodbye(&mut client, answer).await;
@@ -112,7 +120,9 @@ where
             secret_key: server.secret_key,
         },
     );
-    Session::new(client, server, registration, shared).run().await;
+    Session::new(client, server, registration, shared)
+        .run()
+        .await;
 }
 
 /// Writes a last message and closes; errors only mean the client is gone.
@@ -271,16 +281,19 @@ where
                     let message = &buf[whole..whole + len];
                     match tag {
                         b'Z' => {
-                            self.progress.awaiting_ready = self.progress.awaiting_ready.saturating_sub(1);
-                            self.progress.status = server_msg::ready_status(message).unwrap_or(b'I');
+                            self.progress.awaiting_ready =
+                                self.progress.awaiting_ready.saturating_sub(1);
+                            self.progress.status =
+                                server_msg::ready_status(message).unwrap_or(b'I');
                         }
-                        b'E' => {
-                            if server_msg::error_summary(message).is_fatal() {
-                                self.server_said_fatal = true;
-                            }
+                        b'E' if server_msg::error_summary(message).is_fatal() => {
+                            self.server_said_fatal = true;
                         }
                         tag if !server_msg::is_known_tag(tag) => {
-                            violation = Some(format!("server sent an unknown message type {:?}", char::from(tag)));
+                            violation = Some(format!(
+                                "server sent an unknown message type {:?}",
+                                char::from(tag)
+                            ));
                             break;
                         }
                         _ => {}
@@ -310,17 +323,26 @@ where
     /// Says goodbye to both sides as the ending requires.
     async fn finish(mut self, ending: Ending) {
         match &ending {
-            Ending::ClientTerminated | Ending::ClientGone => tracing::debug!("session ended by the client"),
+            Ending::ClientTerminated | Ending::ClientGone => {
+                tracing::debug!("session ended by the client")
+            }
             Ending::ClientError(err) => tracing::debug!(error = %err, "client connection failed"),
             Ending::Shutdown => tracing::info!("closing session: Reprise is shutting down"),
             _ => tracing::info!(?ending, backend = %self.backend_name, "session ended"),
         }
         let client_message = match &ending {
-            Ending::ClientViolation(message) => Some(reply::fatal(sqlstate::PROTOCOL_VIOLATION, message)),
-            Ending::ServerViolation(message) => Some(reply::fatal(sqlstate::PROTOCOL_VIOLATION, message)),
+            Ending::ClientViolation(message) => {
+                Some(reply::fatal(sqlstate::PROTOCOL_VIOLATION, message))
+            }
+            Ending::ServerViolation(message) => {
+                Some(reply::fatal(sqlstate::PROTOCOL_VIOLATION, message))
+            }
             Ending::ServerGone(_) if self.server_said_fatal => None,
             Ending::ServerGone(err) => {
-                let reason = err.as_ref().map(|err| format!(": {err}")).unwrap_or_default();
+                let reason = err
+                    .as_ref()
+                    .map(|err| format!(": {err}"))
+                    .unwrap_or_default();
                 Some(reply::fatal(
                     sqlstate::CONNECTION_FAILURE,
                     &format!(
@@ -337,7 +359,10 @@ where
         };
         let client_alive = matches!(
             ending,
-            Ending::ClientViolation(_) | Ending::ServerGone(_) | Ending::ServerViolation(_) | Ending::Shutdown
+            Ending::ClientViolation(_)
+                | Ending::ServerGone(_)
+                | Ending::ServerViolation(_)
+                | Ending::Shutdown
         );
         let server_alive = !matches!(ending, Ending::ServerGone(_));
 
@@ -375,12 +400,24 @@ where
 /// PostgreSQL does.
 pub async fn cancel(shared: &Shared, key: ClientKey) {
     let Some(target) = shared.cancel.lookup(key) else {
-        tracing::debug!(process_id = key.process_id, "cancel request for an unknown key dropped");
+        tracing::debug!(
+            process_id = key.process_id,
+            "cancel request for an unknown key dropped"
+        );
         return;
     };
     let timeout = shared.config().connect_timeout.0;
-    match backend::send_cancel(&target.backend, target.process_id, target.secret_key, timeout).await {
+    match backend::send_cancel(
+        &target.backend,
+        target.process_id,
+        target.secret_key,
+        timeout,
+    )
+    .await
+    {
         Ok(()) => tracing::debug!(server_pid = target.process_id, "cancel request forwarded"),
-        Err(err) => tracing::warn!(error = %err, backend = %target.backend.name, "could not forward a cancel request"),
+        Err(err) => {
+            tracing::warn!(error = %err, backend = %target.backend.name, "could not forward a cancel request")
+        }
     }
 }

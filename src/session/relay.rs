@@ -62,7 +62,11 @@ impl Outbox {
 
     /// Writes until empty (`Ready(Ok)`) or the socket is full (`Pending`).
     /// Cancel safe: what was written is accounted for before any await point.
-    pub fn poll_flush<W: AsyncWrite + Unpin>(&mut self, writer: &mut W, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    pub fn poll_flush<W: AsyncWrite + Unpin>(
+        &mut self,
+        writer: &mut W,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<()>> {
         while !self.chunks.is_empty() {
             let mut slices = [IoSlice::new(&[]); MAX_IOV];
             let mut count = 0;
@@ -84,7 +88,9 @@ impl Outbox {
     fn advance(&mut self, mut written: usize) {
         self.len -= written;
         while written > 0 {
-            let Some(front) = self.chunks.front_mut() else { break };
+            let Some(front) = self.chunks.front_mut() else {
+                break;
+            };
             if written >= front.len() {
                 written -= front.len();
                 self.chunks.pop_front();
@@ -218,18 +224,27 @@ mod tests {
             async move {
                 client_peer.write_all(&big).await.expect("client write");
                 let mut back = vec![0u8; big.len()];
-                client_peer.read_exact(&mut back).await.expect("client read");
+                client_peer
+                    .read_exact(&mut back)
+                    .await
+                    .expect("client read");
                 back
             }
         });
         let server_side = tokio::spawn(async move {
-            server_peer.write_all(&vec![9u8; 64 * 1024]).await.expect("server write");
+            server_peer
+                .write_all(&vec![9u8; 64 * 1024])
+                .await
+                .expect("server write");
             let mut got = vec![0u8; 64 * 1024];
             server_peer.read_exact(&mut got).await.expect("server read");
             got
         });
         let mut moved = (0, 0);
-        while moved != (big.len(), big.len()) || !relay.to_client.is_empty() || !relay.to_server.is_empty() {
+        while moved != (big.len(), big.len())
+            || !relay.to_client.is_empty()
+            || !relay.to_server.is_empty()
+        {
             match std::future::poll_fn(|cx| relay.poll_event(cx)).await {
                 Event::ClientData => {
                     moved.0 += relay.from_client.len();
@@ -242,7 +257,11 @@ mod tests {
                     relay.to_client.push(chunk);
                 }
                 // The client peer hangs up once it has read everything back.
-                Event::ClientClosed if moved == (big.len(), big.len()) && relay.to_client.is_empty() => break,
+                Event::ClientClosed
+                    if moved == (big.len(), big.len()) && relay.to_client.is_empty() =>
+                {
+                    break
+                }
                 other => panic!("unexpected {other:?}"),
             }
         }

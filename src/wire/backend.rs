@@ -89,7 +89,9 @@ pub fn error_summary(frame: &[u8]) -> ErrorSummary {
         if field == 0 {
             break;
         }
-        let Some(end) = memchr::memchr(0, tail) else { break };
+        let Some(end) = memchr::memchr(0, tail) else {
+            break;
+        };
         let value = String::from_utf8_lossy(&tail[..end]).into_owned();
         match field {
             b'V' => summary.severity = value,
@@ -118,7 +120,10 @@ mod tests {
             parameter_status(b"S\0\0\0\x16client_encoding\0UTF8\0"),
             Some((&b"client_encoding"[..], &b"UTF8"[..]))
         );
-        assert_eq!(backend_key(b"K\0\0\0\x0c\0\0\x01\0\0\0\0\x07"), Some((256, 7)));
+        assert_eq!(
+            backend_key(b"K\0\0\0\x0c\0\0\x01\0\0\0\0\x07"),
+            Some((256, 7))
+        );
         let error = error_summary(b"E\0\0\0\0SFATAL\0VFATAL\0C57P01\0Mterminating\0\0");
         assert_eq!(error.code, "57P01");
         assert!(error.is_fatal());

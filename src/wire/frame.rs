@@ -28,7 +28,11 @@ pub enum FramingError {
     #[error("invalid message length {declared} for message type {tag:?}: the length counts itself, so it is at least 4")]
     TooShort { tag: char, declared: i32 },
     #[error("message of type {tag:?} is {declared} bytes long, which exceeds the maximum message size of {max} bytes")]
-    TooLong { tag: char, declared: usize, max: usize },
+    TooLong {
+        tag: char,
+        declared: usize,
+        max: usize,
+    },
 }
 
 /// Looks at the frame at the start of `buf`, refusing lengths below 4 or
@@ -64,7 +68,11 @@ pub fn next(buf: &[u8], max_len: usize) -> Result<Next, FramingError> {
 
 /// Writes a frame whose length is filled in after `body` has written it, so
 /// that no caller ever computes a length by hand.
-pub fn write_frame(out: &mut bytes::BytesMut, tag: Option<u8>, body: impl FnOnce(&mut bytes::BytesMut)) {
+pub fn write_frame(
+    out: &mut bytes::BytesMut,
+    tag: Option<u8>,
+    body: impl FnOnce(&mut bytes::BytesMut),
+) {
     if let Some(tag) = tag {
         out.extend_from_slice(&[tag]);
     }
@@ -86,28 +94,50 @@ mod tests {
     #[test]
     fn header_only_then_whole() {
         assert_eq!(next(b"Q\0\0", 100), Ok(Next::Incomplete { total: 0 }));
-        assert_eq!(next(b"Q\0\0\0\x09abc", 100), Ok(Next::Incomplete { total: 10 }));
-        assert_eq!(next(b"Q\0\0\0\x09abcd\0S", 100), Ok(Next::Frame { tag: b'Q', len: 10 }));
-        assert_eq!(next(b"S\0\0\0\x04", 100), Ok(Next::Frame { tag: b'S', len: 5 }));
+        assert_eq!(
+            next(b"Q\0\0\0\x09abc", 100),
+            Ok(Next::Incomplete { total: 10 })
+        );
+        assert_eq!(
+            next(b"Q\0\0\0\x09abcd\0S", 100),
+            Ok(Next::Frame { tag: b'Q', len: 10 })
+        );
+        assert_eq!(
+            next(b"S\0\0\0\x04", 100),
+            Ok(Next::Frame { tag: b'S', len: 5 })
+        );
     }
 
     #[test]
     fn lengths_are_checked_before_the_body() {
-        assert!(matches!(next(b"Q\0\0\0\x03", 100), Err(FramingError::TooShort { declared: 3, .. })));
-        assert!(matches!(next(b"Q\xff\xff\xff\xff", 100), Err(FramingError::TooShort { .. })));
+        assert!(matches!(
+            next(b"Q\0\0\0\x03", 100),
+            Err(FramingError::TooShort { declared: 3, .. })
+        ));
+        assert!(matches!(
+            next(b"Q\xff\xff\xff\xff", 100),
+            Err(FramingError::TooShort { .. })
+        ));
         assert!(matches!(
             next(b"d\x10\0\0\0", 1 << 20),
-            Err(FramingError::TooLong { declared: 0x1000_0000, .. })
+            Err(FramingError::TooLong {
+                declared: 0x1000_0000,
+                ..
+            })
         ));
     }
 
     #[test]
     fn write_frame_fills_the_length() {
         let mut out = BytesMut::new();
-        write_frame(&mut out, Some(b'Q'), |out| out.extend_from_slice(b"select 1\0"));
+        write_frame(&mut out, Some(b'Q'), |out| {
+            out.extend_from_slice(b"select 1\0")
+        });
         assert_eq!(&out[..], b"Q\0\0\0\x0dselect 1\0");
         let mut startup = BytesMut::new();
-        write_frame(&mut startup, None, |out| out.extend_from_slice(&[0, 3, 0, 0, 0]));
+        write_frame(&mut startup, None, |out| {
+            out.extend_from_slice(&[0, 3, 0, 0, 0])
+        });
         assert_eq!(&startup[..], &[0, 0, 0, 9, 0, 3, 0, 0, 0]);
     }
 }

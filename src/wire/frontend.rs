@@ -42,7 +42,10 @@ pub enum FrontendKind {
 impl FrontendKind {
     /// Does the server answer this message with a ReadyForQuery?
     pub fn ends_request(self) -> bool {
-        matches!(self, FrontendKind::Query | FrontendKind::Sync | FrontendKind::FunctionCall)
+        matches!(
+            self,
+            FrontendKind::Query | FrontendKind::Sync | FrontendKind::FunctionCall
+        )
     }
 
     /// Is this part of an extended-query batch that only Sync completes?
@@ -66,7 +69,10 @@ pub enum MessageError {
     #[error("invalid frontend message type {0} ({1:?})")]
     UnknownType(u8, char),
     #[error("invalid {kind} message: {problem}")]
-    Malformed { kind: &'static str, problem: &'static str },
+    Malformed {
+        kind: &'static str,
+        problem: &'static str,
+    },
 }
 
 /// Checks a whole client frame (tag, length, body) and names its kind.
@@ -94,15 +100,23 @@ pub fn check(frame: &[u8]) -> Result<FrontendKind, MessageError> {
         FrontendKind::Query | FrontendKind::CopyFail => reader.cstr(),
         FrontendKind::Parse => check_parse(&mut reader),
         FrontendKind::Bind => check_bind(&mut reader),
-        FrontendKind::Describe | FrontendKind::Close => reader.target().and_then(|()| reader.cstr()),
+        FrontendKind::Describe | FrontendKind::Close => {
+            reader.target().and_then(|()| reader.cstr())
+        }
         FrontendKind::Execute => reader.cstr().and_then(|()| reader.skip(4)),
         FrontendKind::FunctionCall => check_function_call(&mut reader),
-        FrontendKind::Sync | FrontendKind::Flush | FrontendKind::CopyDone | FrontendKind::Terminate => Ok(()),
+        FrontendKind::Sync
+        | FrontendKind::Flush
+        | FrontendKind::CopyDone
+        | FrontendKind::Terminate => Ok(()),
         FrontendKind::CopyData => Ok(()),
     };
     match shape.and_then(|()| reader.end()) {
         Ok(()) => Ok(kind),
-        Err(problem) => Err(MessageError::Malformed { kind: name, problem }),
+        Err(problem) => Err(MessageError::Malformed {
+            kind: name,
+            problem,
+        }),
     }
 }
 
@@ -144,7 +158,8 @@ struct Reader<'a> {
 
 impl Reader<'_> {
     fn cstr(&mut self) -> Result<(), &'static str> {
-        let nul = memchr::memchr(0, self.rest).ok_or("string is not NUL-terminated within the message length")?;
+        let nul = memchr::memchr(0, self.rest)
+            .ok_or("string is not NUL-terminated within the message length")?;
         self.rest = &self.rest[nul + 1..];
         Ok(())
     }
@@ -158,14 +173,20 @@ impl Reader<'_> {
     }
 
     fn i16(&mut self) -> Result<i16, &'static str> {
-        let bytes = self.rest.get(..2).ok_or("insufficient data left in message")?;
+        let bytes = self
+            .rest
+            .get(..2)
+            .ok_or("insufficient data left in message")?;
         let value = i16::from_be_bytes([bytes[0], bytes[1]]);
         self.rest = &self.rest[2..];
         Ok(value)
     }
 
     fn i32(&mut self) -> Result<i32, &'static str> {
-        let bytes = self.rest.get(..4).ok_or("insufficient data left in message")?;
+        let bytes = self
+            .rest
+            .get(..4)
+            .ok_or("insufficient data left in message")?;
         let value = i32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
         self.rest = &self.rest[4..];
         Ok(value)
@@ -224,28 +245,70 @@ mod tests {
 
     #[test]
     fn accepts_what_clients_send() {
-        assert_eq!(check(&frame(b'Q', b"select 1; select 2\0")), Ok(FrontendKind::Query));
-        assert_eq!(check(&frame(b'P', b"s1\0select $1\0\0\x01\0\0\0\x17")), Ok(FrontendKind::Parse));
+        assert_eq!(
+            check(&frame(b'Q', b"select 1; select 2\0")),
+            Ok(FrontendKind::Query)
+        );
+        assert_eq!(
+            check(&frame(b'P', b"s1\0select $1\0\0\x01\0\0\0\x17")),
+            Ok(FrontendKind::Parse)
+        );
         let bind = b"\0s1\0\0\x01\0\x01\0\x02\0\0\0\x04abcd\xff\xff\xff\xff\0\x01\0\0";
         assert_eq!(check(&frame(b'B', bind)), Ok(FrontendKind::Bind));
-        assert_eq!(check(&frame(b'D', b"Pportal\0")), Ok(FrontendKind::Describe));
-        assert_eq!(check(&frame(b'E', b"\0\0\0\0\x0a")), Ok(FrontendKind::Execute));
+        assert_eq!(
+            check(&frame(b'D', b"Pportal\0")),
+            Ok(FrontendKind::Describe)
+        );
+        assert_eq!(
+            check(&frame(b'E', b"\0\0\0\0\x0a")),
+            Ok(FrontendKind::Execute)
+        );
         assert_eq!(check(&frame(b'S', b"")), Ok(FrontendKind::Sync));
-        assert_eq!(check(&frame(b'd', b"anything\x00\xff")), Ok(FrontendKind::CopyData));
-        assert_eq!(check(&frame(b'F', b"\0\0\0\x01\0\0\0\x01\0\0\0\x01x\0\0")), Ok(FrontendKind::FunctionCall));
+        assert_eq!(
+            check(&frame(b'd', b"anything\x00\xff")),
+            Ok(FrontendKind::CopyData)
+        );
+        assert_eq!(
+            check(&frame(b'F', b"\0\0\0\x01\0\0\0\x01\0\0\0\x01x\0\0")),
+            Ok(FrontendKind::FunctionCall)
+        );
     }
 
     #[test]
     fn refuses_unknown_types_and_bad_shapes() {
-        assert_eq!(check(&frame(b'z', b"")), Err(MessageError::UnknownType(b'z', 'z')));
-        assert_eq!(check(&frame(b'p', b"pw\0")), Err(MessageError::UnknownType(b'p', 'p')));
-        assert!(matches!(check(&frame(b'Q', b"select 1")), Err(MessageError::Malformed { kind: "Query", .. })));
-        assert!(matches!(check(&frame(b'Q', b"select 1\0S")), Err(MessageError::Malformed { .. })));
-        assert!(matches!(check(&frame(b'S', b"\0")), Err(MessageError::Malformed { kind: "Sync", .. })));
+        assert_eq!(
+            check(&frame(b'z', b"")),
+            Err(MessageError::UnknownType(b'z', 'z'))
+        );
+        assert_eq!(
+            check(&frame(b'p', b"pw\0")),
+            Err(MessageError::UnknownType(b'p', 'p'))
+        );
+        assert!(matches!(
+            check(&frame(b'Q', b"select 1")),
+            Err(MessageError::Malformed { kind: "Query", .. })
+        ));
+        assert!(matches!(
+            check(&frame(b'Q', b"select 1\0S")),
+            Err(MessageError::Malformed { .. })
+        ));
+        assert!(matches!(
+            check(&frame(b'S', b"\0")),
+            Err(MessageError::Malformed { kind: "Sync", .. })
+        ));
         // A Bind that promises a 100-byte value but carries 4.
         let short = b"\0s1\0\0\0\0\x01\0\0\0\x64abcd\0\0";
-        assert!(matches!(check(&frame(b'B', short)), Err(MessageError::Malformed { kind: "Bind", .. })));
-        assert!(matches!(check(&frame(b'B', b"\0\0\0\x01\0\x07\0\0\0\0")), Err(MessageError::Malformed { .. })));
-        assert!(matches!(check(&frame(b'C', b"Xname\0")), Err(MessageError::Malformed { kind: "Close", .. })));
+        assert!(matches!(
+            check(&frame(b'B', short)),
+            Err(MessageError::Malformed { kind: "Bind", .. })
+        ));
+        assert!(matches!(
+            check(&frame(b'B', b"\0\0\0\x01\0\x07\0\0\0\0")),
+            Err(MessageError::Malformed { .. })
+        ));
+        assert!(matches!(
+            check(&frame(b'C', b"Xname\0")),
+            Err(MessageError::Malformed { kind: "Close", .. })
+        ));
     }
 }

@@ -5,7 +5,9 @@
 
 use bytes::BytesMut;
 use pgwire::messages::response::{ErrorResponse, ReadyForQuery, TransactionStatus};
-use pgwire::messages::startup::{Authentication, BackendKeyData, NegotiateProtocolVersion, SecretKey};
+use pgwire::messages::startup::{
+    Authentication, BackendKeyData, NegotiateProtocolVersion, SecretKey,
+};
 use pgwire::messages::Message;
 
 /// SQLSTATE codes the proxy reports on its own behalf.
@@ -47,7 +49,13 @@ fn encode(message: &impl Message, out: &mut BytesMut) {
 
 /// An ErrorResponse with both the localised (`S`) and non-localised (`V`)
 /// severity, as PostgreSQL sends since 9.6.
-pub fn error(out: &mut BytesMut, severity: Severity, code: &str, message: &str, detail: Option<&str>) {
+pub fn error(
+    out: &mut BytesMut,
+    severity: Severity,
+    code: &str,
+    message: &str,
+    detail: Option<&str>,
+) {
     let mut fields = vec![
         (b'S', severity.as_str().to_owned()),
         (b'V', severity.as_str().to_owned()),
@@ -71,7 +79,10 @@ pub fn authentication_ok(out: &mut BytesMut) {
 }
 
 pub fn backend_key_data(out: &mut BytesMut, process_id: i32, secret_key: i32) {
-    encode(&BackendKeyData::new(process_id, SecretKey::I32(secret_key)), out);
+    encode(
+        &BackendKeyData::new(process_id, SecretKey::I32(secret_key)),
+        out,
+    );
 }
 
 pub fn ready_for_query(out: &mut BytesMut, status: u8) {
@@ -85,8 +96,15 @@ pub fn ready_for_query(out: &mut BytesMut, status: u8) {
 
 /// Tells a client that asked for protocol 3.`minor` or for `_pq_.` options
 /// that the session will speak 3.0 without those options.
-pub fn negotiate_protocol_version(out: &mut BytesMut, newest_minor: i32, unsupported_options: Vec<String>) {
-    encode(&NegotiateProtocolVersion::new(newest_minor, unsupported_options), out);
+pub fn negotiate_protocol_version(
+    out: &mut BytesMut,
+    newest_minor: i32,
+    unsupported_options: Vec<String>,
+) {
+    encode(
+        &NegotiateProtocolVersion::new(newest_minor, unsupported_options),
+        out,
+    );
 }
 
 #[cfg(test)]
@@ -96,7 +114,10 @@ mod tests {
 
     #[test]
     fn error_round_trips() {
-        let frame = fatal(sqlstate::PROTOCOL_VIOLATION, "invalid frontend message type 122");
+        let frame = fatal(
+            sqlstate::PROTOCOL_VIOLATION,
+            "invalid frontend message type 122",
+        );
         let summary = error_summary(&frame);
         assert_eq!(summary.code, "08P01");
         assert_eq!(summary.severity, "FATAL");

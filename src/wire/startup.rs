@@ -28,7 +28,10 @@ pub const PROTOCOL_MINOR: u16 = 0;
 pub enum StartupPacket {
     SslRequest,
     GssEncRequest,
-    Cancel { process_id: i32, secret_key: i32 },
+    Cancel {
+        process_id: i32,
+        secret_key: i32,
+    },
     /// A CancelRequest whose key is not the 4-byte key of protocol 3.0; it
     /// cannot name any session, so it is dropped like an unknown key.
     CancelUnknownKeyFormat,
@@ -52,7 +55,8 @@ impl StartupMessage {
     }
 
     pub fn get_lossy(&self, name: &str) -> Option<String> {
-        self.get(name).map(|value| String::from_utf8_lossy(value).into_owned())
+        self.get(name)
+            .map(|value| String::from_utf8_lossy(value).into_owned())
     }
 
     /// `_pq_.` protocol options: Reprise knows none of them, so each one is
@@ -77,7 +81,9 @@ impl StartupMessage {
     /// Encodes the message for a server, always asking for protocol 3.0.
     pub fn encode_for_server(&self, out: &mut BytesMut) {
         super::frame::write_frame(out, None, |out| {
-            out.extend_from_slice(&(i32::from(PROTOCOL_MAJOR) << 16 | i32::from(PROTOCOL_MINOR)).to_be_bytes());
+            out.extend_from_slice(
+                &(i32::from(PROTOCOL_MAJOR) << 16 | i32::from(PROTOCOL_MINOR)).to_be_bytes(),
+            );
             for (key, value) in self.server_parameters() {
                 out.extend_from_slice(key);
                 out.extend_from_slice(&[0]);
@@ -97,7 +103,9 @@ pub enum StartupError {
     Closed,
     #[error("i/o error while reading a startup packet: {0}")]
     Io(#[from] std::io::Error),
-    #[error("invalid length of startup packet: {0} bytes (this does not look like a PostgreSQL client)")]
+    #[error(
+        "invalid length of startup packet: {0} bytes (this does not look like a PostgreSQL client)"
+    )]
     BadLength(i64),
     #[error("unsupported frontend protocol {major}.{minor}: Reprise supports 3.0")]
     UnsupportedProtocol { major: u16, minor: u16 },
@@ -110,7 +118,9 @@ impl StartupError {
     /// everything else here is a protocol violation.
     pub fn sqlstate(&self) -> &'static str {
         match self {
-            StartupError::UnsupportedProtocol { major: 1 | 2, .. } => super::reply::sqlstate::FEATURE_NOT_SUPPORTED,
+            StartupError::UnsupportedProtocol { major: 1 | 2, .. } => {
+                super::reply::sqlstate::FEATURE_NOT_SUPPORTED
+            }
             _ => super::reply::sqlstate::PROTOCOL_VIOLATION,
         }
     }
@@ -119,11 +129,15 @@ impl StartupError {
 /// Reads one startup-phase packet. Not cancel safe: a partial packet is lost
 /// if the future is dropped, which only happens when the connection is
 /// abandoned anyway.
-pub async fn read_packet<R: AsyncRead + Unpin>(reader: &mut R) -> Result<StartupPacket, StartupError> {
+pub async fn read_packet<R: AsyncRead + Unpin>(
+    reader: &mut R,
+) -> Result<StartupPacket, StartupError> {
     let mut length = [0u8; 4];
     match reader.read_exact(&mut length).await {
         Ok(_) => {}
-        Err(err) if err.kind() == std::io::ErrorKind::UnexpectedEof => return Err(StartupError::Closed),
+        Err(err) if err.kind() == std::io::ErrorKind::UnexpectedEof => {
+            return Err(StartupError::Closed)
+        }
         Err(err) => return Err(err.into()),
     }
     let declared = i32::from_be_bytes(length);
@@ -180,7 +194,9 @@ fn parse_parameters(payload: &Bytes) -> Result<Vec<(Bytes, Bytes)>, StartupError
         }
         let value_at = at + name_len + 1;
         let Some(value_len) = memchr::memchr(0, &payload[value_at..]) else {
-            return Err(StartupError::Malformed("parameter has no NUL-terminated value"));
+            return Err(StartupError::Malformed(
+                "parameter has no NUL-terminated value",
+            ));
         };
         let name = payload.slice(at..at + name_len);
         let value = payload.slice(value_at..value_at + value_len);
@@ -202,8 +218,14 @@ mod tests {
 
     #[test]
     fn requests() {
-        assert_eq!(packet(&SSL_REQUEST_CODE.to_be_bytes()).ok(), Some(StartupPacket::SslRequest));
-        assert_eq!(packet(&GSSENC_REQUEST_CODE.to_be_bytes()).ok(), Some(StartupPacket::GssEncRequest));
+        assert_eq!(
+            packet(&SSL_REQUEST_CODE.to_be_bytes()).ok(),
+            Some(StartupPacket::SslRequest)
+        );
+        assert_eq!(
+            packet(&GSSENC_REQUEST_CODE.to_be_bytes()).ok(),
+            Some(StartupPacket::GssEncRequest)
+        );
         let mut cancel = CANCEL_REQUEST_CODE.to_be_bytes().to_vec();
         cancel.extend_from_slice(&[0, 0, 0, 9, 0, 0, 0, 10]);
         assert_eq!(
@@ -226,7 +248,10 @@ mod tests {
         assert_eq!(message.protocol_options(), vec!["_pq_.x".to_owned()]);
         let mut out = BytesMut::new();
         message.encode_for_server(&mut out);
-        assert_eq!(&out[..], b"\0\0\0\x20\0\x03\0\0user\0alice\0database\0db\0\0");
+        assert_eq!(
+            &out[..],
+            b"\0\0\0\x20\0\x03\0\0user\0alice\0database\0db\0\0"
+        );
     }
 
     #[test]
@@ -235,10 +260,25 @@ mod tests {
             packet(b"\0\x02\0\0user\0a\0\0"),
             Err(StartupError::UnsupportedProtocol { major: 2, .. })
         ));
-        assert!(matches!(packet(b"\0\x03\0\0user\0a\0"), Err(StartupError::Malformed(_))));
-        assert!(matches!(packet(b"\0\x03\0\0user\0"), Err(StartupError::Malformed(_))));
-        assert!(matches!(packet(b"\0\x03\0\0user\0a\0\0x"), Err(StartupError::Malformed(_))));
-        assert!(matches!(packet(b"\0\x03\0\0a\0b\0a\0c\0\0"), Err(StartupError::Malformed(_))));
-        assert!(matches!(packet(b"GET / HTTP/1.1\r\n"), Err(StartupError::UnsupportedProtocol { .. })));
+        assert!(matches!(
+            packet(b"\0\x03\0\0user\0a\0"),
+            Err(StartupError::Malformed(_))
+        ));
+        assert!(matches!(
+            packet(b"\0\x03\0\0user\0"),
+            Err(StartupError::Malformed(_))
+        ));
+        assert!(matches!(
+            packet(b"\0\x03\0\0user\0a\0\0x"),
+            Err(StartupError::Malformed(_))
+        ));
+        assert!(matches!(
+            packet(b"\0\x03\0\0a\0b\0a\0c\0\0"),
+            Err(StartupError::Malformed(_))
+        ));
+        assert!(matches!(
+            packet(b"GET / HTTP/1.1\r\n"),
+            Err(StartupError::UnsupportedProtocol { .. })
+        ));
     }
 }

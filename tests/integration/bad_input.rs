@@ -31,17 +31,33 @@ fn message_of(error: &Message) -> String {
 async fn garbage_is_refused_and_others_keep_running() {
     let harness = Harness::start().await;
     let (bystander, _) = harness.connect().await;
-    bystander.batch_execute("begin; create temp table kept(i int); insert into kept values (1)").await.expect("work in progress");
+    bystander
+        .batch_execute("begin; create temp table kept(i int); insert into kept values (1)")
+        .await
+        .expect("work in progress");
 
     // Not PostgreSQL at all: an HTTP request.
     let error = refused(&harness, false, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert_eq!(error.sqlstate().as_deref(), Some("08P01"));
-    assert!(message_of(&error).contains("invalid length of startup packet"), "{}", message_of(&error));
+    assert!(
+        message_of(&error).contains("invalid length of startup packet"),
+        "{}",
+        message_of(&error)
+    );
 
     // A startup packet with a protocol version nobody speaks.
-    let error = refused(&harness, false, &startup_packet(0x1234_5678, &[("user", "postgres")])).await;
+    let error = refused(
+        &harness,
+        false,
+        &startup_packet(0x1234_5678, &[("user", "postgres")]),
+    )
+    .await;
     assert_eq!(error.sqlstate().as_deref(), Some("08P01"));
-    assert!(message_of(&error).contains("unsupported frontend protocol 4660.22136"), "{}", message_of(&error));
+    assert!(
+        message_of(&error).contains("unsupported frontend protocol 4660.22136"),
+        "{}",
+        message_of(&error)
+    );
 
     // A startup packet whose parameter list is not terminated.
     let mut broken = startup_packet(196_608, &[("user", "postgres")]);
@@ -49,12 +65,19 @@ async fn garbage_is_refused_and_others_keep_running() {
     broken[3] -= 1;
     let error = refused(&harness, false, &broken).await;
     assert_eq!(error.sqlstate().as_deref(), Some("08P01"));
-    assert!(message_of(&error).contains("invalid startup packet layout"), "{}", message_of(&error));
+    assert!(
+        message_of(&error).contains("invalid startup packet layout"),
+        "{}",
+        message_of(&error)
+    );
 
     // An unknown message type after login.
     let error = refused(&harness, true, &frame(b'z', b"whatever")).await;
     assert_eq!(error.sqlstate().as_deref(), Some("08P01"));
-    assert_eq!(message_of(&error), "invalid frontend message type 122 ('z')");
+    assert_eq!(
+        message_of(&error),
+        "invalid frontend message type 122 ('z')"
+    );
 
     // A length field that lies: the Query claims 8 bytes, so its string has
     // no terminator within the message.
@@ -62,7 +85,11 @@ async fn garbage_is_refused_and_others_keep_running() {
     lying.extend_from_slice(&frame(b'S', b""));
     let error = refused(&harness, true, &lying).await;
     assert_eq!(error.sqlstate().as_deref(), Some("08P01"));
-    assert!(message_of(&error).starts_with("invalid Query message"), "{}", message_of(&error));
+    assert!(
+        message_of(&error).starts_with("invalid Query message"),
+        "{}",
+        message_of(&error)
+    );
 
     // A Bind whose parameter length runs past the end of the message.
     let mut bind = b"\0\0\0\0\0\x01".to_vec();
@@ -70,21 +97,36 @@ async fn garbage_is_refused_and_others_keep_running() {
     bind.extend_from_slice(b"abc\0\0");
     let error = refused(&harness, true, &frame(b'B', &bind)).await;
     assert_eq!(error.sqlstate().as_deref(), Some("08P01"));
-    assert!(message_of(&error).starts_with("invalid Bind message"), "{}", message_of(&error));
+    assert!(
+        message_of(&error).starts_with("invalid Bind message"),
+        "{}",
+        message_of(&error)
+    );
 
     // A length below 4.
     let error = refused(&harness, true, b"Q\0\0\0\x02").await;
     assert_eq!(error.sqlstate().as_deref(), Some("08P01"));
-    assert!(message_of(&error).contains("invalid message length 2"), "{}", message_of(&error));
+    assert!(
+        message_of(&error).contains("invalid message length 2"),
+        "{}",
+        message_of(&error)
+    );
 
     // An oversized message is refused from its header alone: the body is
     // never sent, so the answer cannot come from buffering it.
     let error = refused(&harness, true, b"Q\x7f\xff\xff\xf0").await;
     assert_eq!(error.sqlstate().as_deref(), Some("08P01"));
-    assert!(message_of(&error).contains("exceeds the maximum message size of 268435456 bytes"), "{}", message_of(&error));
+    assert!(
+        message_of(&error).contains("exceeds the maximum message size of 268435456 bytes"),
+        "{}",
+        message_of(&error)
+    );
 
     // The session opened before is untouched, transaction and all.
-    assert_eq!(support::scalar(&bystander, "select count(*) from kept").await, "1");
+    assert_eq!(
+        support::scalar(&bystander, "select count(*) from kept").await,
+        "1"
+    );
     bystander.batch_execute("commit").await.expect("commit");
 }
 
@@ -109,7 +151,11 @@ async fn negotiation_requests() {
     client
         .send(&startup_packet(
             (3 << 16) | 2,
-            &[("user", "postgres"), ("_pq_.frobnicate", "on"), ("application_name", "negotiator")],
+            &[
+                ("user", "postgres"),
+                ("_pq_.frobnicate", "on"),
+                ("application_name", "negotiator"),
+            ],
         ))
         .await;
     let greeting = client.until_ready().await;
@@ -119,30 +165,49 @@ async fn negotiation_requests() {
     assert_eq!(&negotiate.body[4..8], &1_i32.to_be_bytes());
     assert_eq!(&negotiate.body[8..], b"_pq_.frobnicate\0");
     assert!(greeting.iter().any(|m| m.tag == b'R'));
-    client.send(&query("select current_setting('application_name')")).await;
+    client
+        .send(&query("select current_setting('application_name')"))
+        .await;
     let reply = client.until_ready().await;
     let row = reply.iter().find(|m| m.tag == b'D').expect("row");
     assert!(row.body.ends_with(b"negotiator"));
 
     // No user name: refused like PostgreSQL does.
-    let error = refused(&harness, false, &startup_packet(196_608, &[("database", "postgres")])).await;
+    let error = refused(
+        &harness,
+        false,
+        &startup_packet(196_608, &[("database", "postgres")]),
+    )
+    .await;
     assert_eq!(error.sqlstate().as_deref(), Some("28000"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_client_conn_is_enforced() {
-    let harness = Harness::start_with(throwaway_pg::Options::default(), |config| config.max_client_conn = 2).await;
+    let harness = Harness::start_with(throwaway_pg::Options::default(), |config| {
+        config.max_client_conn = 2
+    })
+    .await;
     let (first, _) = harness.connect().await;
     let (second, _) = harness.connect().await;
     let err = tokio_postgres::connect(&harness.proxy_conn_str(), tokio_postgres::NoTls)
         .await
         .err()
         .expect("third session refused");
-    assert_eq!(err.code(), Some(&tokio_postgres::error::SqlState::TOO_MANY_CONNECTIONS));
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::TOO_MANY_CONNECTIONS)
+    );
     assert_eq!(support::scalar(&first, "select 1").await, "1");
     drop(second);
-    support::eventually(std::time::Duration::from_secs(5), "a freed slot is reusable", || async {
-        tokio_postgres::connect(&harness.proxy_conn_str(), tokio_postgres::NoTls).await.is_ok()
-    })
+    support::eventually(
+        std::time::Duration::from_secs(5),
+        "a freed slot is reusable",
+        || async {
+            tokio_postgres::connect(&harness.proxy_conn_str(), tokio_postgres::NoTls)
+                .await
+                .is_ok()
+        },
+    )
     .await;
 }

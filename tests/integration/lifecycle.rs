@@ -49,7 +49,9 @@ fn write_config(dir: &Path, port: u16, server_port: u16, extra: &str) -> std::pa
 
 async fn wait_for_port(port: u16) {
     support::eventually(Duration::from_secs(20), "reprise listens", || async move {
-        tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
     })
     .await;
 }
@@ -63,7 +65,10 @@ fn refused_config(text: &str) -> String {
         .arg(&path)
         .output()
         .expect("run reprise");
-    assert!(!output.status.success(), "a bad config must be refused: {text}");
+    assert!(
+        !output.status.success(),
+        "a bad config must be refused: {text}"
+    );
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
@@ -73,13 +78,22 @@ fn bad_configs_are_refused_with_the_key_named() {
     let stderr = refused_config(&format!("listne = \"127.0.0.1:1\"\n{backend}"));
     assert!(stderr.contains("unknown field `listne`"), "{stderr}");
     let stderr = refused_config(&format!("connect_timeout = \"ten seconds\"\n{backend}"));
-    assert!(stderr.contains("connect_timeout") && stderr.contains("invalid duration"), "{stderr}");
+    assert!(
+        stderr.contains("connect_timeout") && stderr.contains("invalid duration"),
+        "{stderr}"
+    );
     let stderr = refused_config(&format!("max_message_size = \"12 parsecs\"\n{backend}"));
-    assert!(stderr.contains("max_message_size") && stderr.contains("invalid size"), "{stderr}");
+    assert!(
+        stderr.contains("max_message_size") && stderr.contains("invalid size"),
+        "{stderr}"
+    );
     let stderr = refused_config("listen = \"127.0.0.1:1\"\n");
     assert!(stderr.contains("config key `backend`"), "{stderr}");
     let stderr = refused_config(&format!("log_format = \"xml\"\n{backend}"));
-    assert!(stderr.contains("log_format") || stderr.contains("xml"), "{stderr}");
+    assert!(
+        stderr.contains("log_format") || stderr.contains("xml"),
+        "{stderr}"
+    );
     let stderr = refused_config(&format!("listen = \"nowhere\"\n{backend}"));
     assert!(stderr.contains("listen"), "{stderr}");
 }
@@ -89,7 +103,12 @@ async fn data_dir_lock_reload_and_signals() {
     let cluster = support::start_cluster(throwaway_pg::Options::default()).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let port = throwaway_pg::lease_port().expect("port");
-    let config = write_config(dir.path(), port.port(), cluster.port(), "max_client_conn = 10");
+    let config = write_config(
+        dir.path(),
+        port.port(),
+        cluster.port(),
+        "max_client_conn = 10",
+    );
     let mut first = serve(&config);
     wait_for_port(port.port()).await;
 
@@ -99,9 +118,10 @@ async fn data_dir_lock_reload_and_signals() {
     let other_config = other_dir.path().join("reprise.toml");
     std::fs::write(
         &other_config,
-        std::fs::read_to_string(&config)
-            .expect("read")
-            .replace(&format!("127.0.0.1:{}", port.port()), &format!("127.0.0.1:{}", other_port.port())),
+        std::fs::read_to_string(&config).expect("read").replace(
+            &format!("127.0.0.1:{}", port.port()),
+            &format!("127.0.0.1:{}", other_port.port()),
+        ),
     )
     .expect("write");
     let output = Command::new(REPRISE)
@@ -112,41 +132,68 @@ async fn data_dir_lock_reload_and_signals() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
-        stderr.contains("in use by another Reprise process") && stderr.contains(&first.0.id().to_string()),
+        stderr.contains("in use by another Reprise process")
+            && stderr.contains(&first.0.id().to_string()),
         "{stderr}"
     );
 
-    let conn_str = format!("host=127.0.0.1 port={} user=postgres dbname=postgres", port.port());
+    let conn_str = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=postgres",
+        port.port()
+    );
     let (a, _) = support::connect(&conn_str).await;
     let (b, _) = support::connect(&conn_str).await;
 
     // SIGHUP applies a lower max_client_conn to new sessions.
-    write_config(dir.path(), port.port(), cluster.port(), "max_client_conn = 2");
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(first.0.id() as i32), nix::sys::signal::Signal::SIGHUP)
-        .expect("sighup");
-    support::eventually(Duration::from_secs(10), "the reload takes effect", || async {
-        matches!(
-            tokio_postgres::connect(&conn_str, NoTls).await,
-            Err(err) if err.code() == Some(&SqlState::TOO_MANY_CONNECTIONS)
-        )
-    })
+    write_config(
+        dir.path(),
+        port.port(),
+        cluster.port(),
+        "max_client_conn = 2",
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first.0.id() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .expect("sighup");
+    support::eventually(
+        Duration::from_secs(10),
+        "the reload takes effect",
+        || async {
+            matches!(
+                tokio_postgres::connect(&conn_str, NoTls).await,
+                Err(err) if err.code() == Some(&SqlState::TOO_MANY_CONNECTIONS)
+            )
+        },
+    )
     .await;
 
     // A broken file on SIGHUP is reported and the running config stays.
     std::fs::write(&config, "this is not toml = = =").expect("write");
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(first.0.id() as i32), nix::sys::signal::Signal::SIGHUP)
-        .expect("sighup");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first.0.id() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .expect("sighup");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(support::scalar(&a, "select 'still serving'").await, "still serving");
+    assert_eq!(
+        support::scalar(&a, "select 'still serving'").await,
+        "still serving"
+    );
     drop(b);
-    support::eventually(Duration::from_secs(10), "a slot frees up under the old limit", || async {
-        tokio_postgres::connect(&conn_str, NoTls).await.is_ok()
-    })
+    support::eventually(
+        Duration::from_secs(10),
+        "a slot frees up under the old limit",
+        || async { tokio_postgres::connect(&conn_str, NoTls).await.is_ok() },
+    )
     .await;
 
     // SIGTERM: idle sessions are closed, the process exits cleanly.
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(first.0.id() as i32), nix::sys::signal::Signal::SIGTERM)
-        .expect("sigterm");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first.0.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("sigterm");
     let status = tokio::task::spawn_blocking(move || {
         let status = first.0.wait();
         std::mem::forget(first);
@@ -155,7 +202,10 @@ async fn data_dir_lock_reload_and_signals() {
     .await
     .expect("join")
     .expect("wait");
-    assert!(status.success(), "reprise exits 0 after SIGTERM: {status:?}");
+    assert!(
+        status.success(),
+        "reprise exits 0 after SIGTERM: {status:?}"
+    );
     assert!(a.simple_query("select 1").await.is_err());
 }
 
@@ -170,10 +220,15 @@ async fn graceful_shutdown_lets_transactions_finish() {
     harness.handle.shutdown();
     // The idle session is closed at once with 57P01.
     let goodbye = idle.until_closed().await;
-    assert_eq!(goodbye.last().and_then(|m| m.sqlstate()).as_deref(), Some("57P01"));
+    assert_eq!(
+        goodbye.last().and_then(|m| m.sqlstate()).as_deref(),
+        Some("57P01")
+    );
     // New connections are turned away.
     support::eventually(Duration::from_secs(5), "the listener closes", || async {
-        tokio_postgres::connect(&harness.proxy_conn_str(), NoTls).await.is_err()
+        tokio_postgres::connect(&harness.proxy_conn_str(), NoTls)
+            .await
+            .is_err()
     })
     .await;
     // The transaction goes on and commits; then its session is closed.
@@ -182,8 +237,14 @@ async fn graceful_shutdown_lets_transactions_finish() {
     assert!(reply.iter().any(|m| m.tag == b'D'));
     busy.send(&query("commit")).await;
     let rest = busy.until_closed().await;
-    assert!(rest.iter().any(|m| m.tag == b'C'), "the commit completed: {rest:?}");
-    assert_eq!(rest.last().and_then(|m| m.sqlstate()).as_deref(), Some("57P01"));
+    assert!(
+        rest.iter().any(|m| m.tag == b'C'),
+        "the commit completed: {rest:?}"
+    );
+    assert_eq!(
+        rest.last().and_then(|m| m.sqlstate()).as_deref(),
+        Some("57P01")
+    );
     harness.shutdown().await;
     assert_eq!(harness.handle.active_sessions(), 0);
 }
@@ -200,7 +261,10 @@ async fn shutdown_timeout_closes_what_is_left() {
     let started = std::time::Instant::now();
     harness.shutdown().await;
     let rest = stuck.until_closed().await;
-    assert_eq!(rest.last().and_then(|m| m.sqlstate()).as_deref(), Some("57P01"));
+    assert_eq!(
+        rest.last().and_then(|m| m.sqlstate()).as_deref(),
+        Some("57P01")
+    );
     assert!(started.elapsed() >= Duration::from_millis(500));
 }
 
@@ -218,8 +282,14 @@ async fn unix_socket_listener() {
         harness.proxy.port()
     );
     let (client, _) = support::connect(&conn_str).await;
-    assert_eq!(support::scalar(&client, "select 'over a unix socket'").await, "over a unix socket");
-    assert!(socket_dir.path().join(format!(".s.PGSQL.{}", harness.proxy.port())).exists());
+    assert_eq!(
+        support::scalar(&client, "select 'over a unix socket'").await,
+        "over a unix socket"
+    );
+    assert!(socket_dir
+        .path()
+        .join(format!(".s.PGSQL.{}", harness.proxy.port()))
+        .exists());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -254,19 +324,36 @@ async fn logs_in_to_servers_that_ask_for_passwords() {
         )
         .expect("create roles");
 
-    let through = |user: &str| format!("host=127.0.0.1 port={} user={user} dbname=postgres", harness.proxy.port());
+    let through = |user: &str| {
+        format!(
+            "host=127.0.0.1 port={} user={user} dbname=postgres",
+            harness.proxy.port()
+        )
+    };
     for user in ["alice", "bob", "carol"] {
         let (client, _) = support::connect(&through(user)).await;
         assert_eq!(support::scalar(&client, "select current_user").await, user);
     }
     // A wrong password: the client gets the server's own refusal.
-    let err = tokio_postgres::connect(&through("dave"), NoTls).await.err().expect("refused");
+    let err = tokio_postgres::connect(&through("dave"), NoTls)
+        .await
+        .err()
+        .expect("refused");
     assert_eq!(err.code(), Some(&SqlState::INVALID_PASSWORD));
-    let text = err.as_db_error().map(|e| e.message().to_owned()).unwrap_or_default();
+    let text = err
+        .as_db_error()
+        .map(|e| e.message().to_owned())
+        .unwrap_or_default();
     assert_eq!(text, "password authentication failed for user \"dave\"");
     // No password at all for that user.
-    let err = tokio_postgres::connect(&through("eve"), NoTls).await.err().expect("refused");
+    let err = tokio_postgres::connect(&through("eve"), NoTls)
+        .await
+        .err()
+        .expect("refused");
     assert_eq!(err.code(), Some(&SqlState::INVALID_PASSWORD));
-    let text = err.as_db_error().map(|e| e.message().to_owned()).unwrap_or_default();
+    let text = err
+        .as_db_error()
+        .map(|e| e.message().to_owned())
+        .unwrap_or_default();
     assert!(text.contains("users file has none"), "{text}");
 }

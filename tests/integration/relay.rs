@@ -14,7 +14,11 @@ fn simple_rows(messages: &[SimpleQueryMessage]) -> Vec<Vec<Option<String>>> {
     messages
         .iter()
         .filter_map(|message| match message {
-            SimpleQueryMessage::Row(row) => Some((0..row.len()).map(|i| row.get(i).map(str::to_owned)).collect()),
+            SimpleQueryMessage::Row(row) => Some(
+                (0..row.len())
+                    .map(|i| row.get(i).map(str::to_owned))
+                    .collect(),
+            ),
             _ => None,
         })
         .collect()
@@ -27,8 +31,14 @@ async fn simple_and_extended_queries_match_direct() {
     let (direct, _) = harness.connect_direct().await;
 
     let multi = "select 1 as a, 'x' as b; select generate_series(1, 3); create temp table t(i int); insert into t values (1), (2); select * from t";
-    let through = proxied.simple_query(multi).await.expect("multi-statement through proxy");
-    let straight = direct.simple_query(multi).await.expect("multi-statement direct");
+    let through = proxied
+        .simple_query(multi)
+        .await
+        .expect("multi-statement through proxy");
+    let straight = direct
+        .simple_query(multi)
+        .await
+        .expect("multi-statement direct");
     assert_eq!(simple_rows(&through), simple_rows(&straight));
     assert_eq!(through.len(), straight.len());
 
@@ -47,18 +57,33 @@ async fn simple_and_extended_queries_match_direct() {
     assert!(row.get::<_, bool>(4));
 
     // Named prepared statement reused many times.
-    let statement = proxied.prepare("select $1::int * 2").await.expect("prepare");
+    let statement = proxied
+        .prepare("select $1::int * 2")
+        .await
+        .expect("prepare");
     for i in 0..50 {
-        let row = proxied.query_one(&statement, &[&i]).await.expect("execute prepared");
+        let row = proxied
+            .query_one(&statement, &[&i])
+            .await
+            .expect("execute prepared");
         assert_eq!(row.get::<_, i32>(0), i * 2);
     }
 
     // Errors come back with the server's SQLSTATE and the session goes on.
-    let err = proxied.simple_query("selec 1").await.expect_err("syntax error");
+    let err = proxied
+        .simple_query("selec 1")
+        .await
+        .expect_err("syntax error");
     assert_eq!(err.code(), Some(&SqlState::SYNTAX_ERROR));
-    let err = proxied.query("select 1/0", &[]).await.expect_err("division by zero");
+    let err = proxied
+        .query("select 1/0", &[])
+        .await
+        .expect_err("division by zero");
     assert_eq!(err.code(), Some(&SqlState::DIVISION_BY_ZERO));
-    assert_eq!(support::scalar(&proxied, "select 'still alive'").await, "still alive");
+    assert_eq!(
+        support::scalar(&proxied, "select 'still alive'").await,
+        "still alive"
+    );
 
     // An empty query gets EmptyQueryResponse.
     let empty = proxied.simple_query("").await.expect("empty query");
@@ -75,12 +100,18 @@ async fn portals_with_row_limits_and_pipelining() {
         .prepare("select generate_series(1, 25)")
         .await
         .expect("prepare");
-    let portal = transaction.bind(&statement, &[]).await.expect("bind to a named portal");
+    let portal = transaction
+        .bind(&statement, &[])
+        .await
+        .expect("bind to a named portal");
     let mut seen = Vec::new();
     loop {
         // Execute with a row limit: the server answers PortalSuspended
         // until the portal is exhausted.
-        let rows = transaction.query_portal(&portal, 10).await.expect("execute portal");
+        let rows = transaction
+            .query_portal(&portal, 10)
+            .await
+            .expect("execute portal");
         if rows.is_empty() {
             break;
         }
@@ -91,13 +122,23 @@ async fn portals_with_row_limits_and_pipelining() {
 
     // Many requests in one flight: tokio-postgres pipelines concurrent
     // queries on one connection, each ending in its own Sync.
-    let statement = client.prepare("select $1::int + 1000").await.expect("prepare");
+    let statement = client
+        .prepare("select $1::int + 1000")
+        .await
+        .expect("prepare");
     let futures = (0..200).map(|i| {
         let client = &client;
         let statement = &statement;
-        async move { client.query_one(statement, &[&i]).await.map(|row| row.get::<_, i32>(0)) }
+        async move {
+            client
+                .query_one(statement, &[&i])
+                .await
+                .map(|row| row.get::<_, i32>(0))
+        }
     });
-    let results = futures_util::future::try_join_all(futures).await.expect("pipelined queries");
+    let results = futures_util::future::try_join_all(futures)
+        .await
+        .expect("pipelined queries");
     assert_eq!(results, (1000..1200).collect::<Vec<_>>());
 }
 
@@ -110,16 +151,24 @@ async fn copy_in_out_and_fail() {
         .await
         .expect("create");
 
-    let sink = client.copy_in("copy copied from stdin").await.expect("copy in");
+    let sink = client
+        .copy_in("copy copied from stdin")
+        .await
+        .expect("copy in");
     futures_util::pin_mut!(sink);
     let mut data = String::new();
     for i in 0..10_000 {
         data.push_str(&format!("{i}\tname {i}\n"));
     }
-    sink.send(Bytes::from(data.clone())).await.expect("send copy data");
+    sink.send(Bytes::from(data.clone()))
+        .await
+        .expect("send copy data");
     assert_eq!(sink.finish().await.expect("copy done"), 10_000);
 
-    let out = client.copy_out("copy copied to stdout").await.expect("copy out");
+    let out = client
+        .copy_out("copy copied to stdout")
+        .await
+        .expect("copy out");
     let chunks: Vec<Bytes> = out.try_collect().await.expect("copy out data");
     let text: Vec<u8> = chunks.concat();
     assert_eq!(String::from_utf8(text).expect("utf8"), data);
@@ -127,11 +176,19 @@ async fn copy_in_out_and_fail() {
     // Dropping the sink without finishing sends CopyFail: the COPY is
     // rolled back and the session goes on.
     {
-        let sink = client.copy_in("copy copied from stdin").await.expect("copy in");
+        let sink = client
+            .copy_in("copy copied from stdin")
+            .await
+            .expect("copy in");
         futures_util::pin_mut!(sink);
-        sink.send(Bytes::from_static(b"99999\tnever\n")).await.expect("send");
+        sink.send(Bytes::from_static(b"99999\tnever\n"))
+            .await
+            .expect("send");
     }
-    assert_eq!(support::scalar(&client, "select count(*) from copied").await, "10000");
+    assert_eq!(
+        support::scalar(&client, "select count(*) from copied").await,
+        "10000"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -150,7 +207,10 @@ async fn notifications_and_notices_arrive_while_idle() {
         .await
         .expect("pid")
         .get(0);
-    notifier.batch_execute("notify chan, 'payload 1'").await.expect("notify");
+    notifier
+        .batch_execute("notify chan, 'payload 1'")
+        .await
+        .expect("notify");
     let notification = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             match messages.recv().await.expect("connection open") {
@@ -166,7 +226,10 @@ async fn notifications_and_notices_arrive_while_idle() {
     assert_eq!(notification.process_id(), notifier_pid);
 
     // The session's own notification carries the pid the client knows.
-    listener.batch_execute("notify chan, 'self'").await.expect("notify self");
+    listener
+        .batch_execute("notify chan, 'self'")
+        .await
+        .expect("notify self");
     let own = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             if let AsyncMessage::Notification(n) = messages.recv().await.expect("open") {
@@ -212,7 +275,10 @@ async fn cancel_reaches_the_server() {
     assert_eq!(err.code(), Some(&SqlState::QUERY_CANCELED));
     assert!(started.elapsed() < Duration::from_secs(30));
     canceller.await.expect("join").expect("cancel request sent");
-    assert_eq!(support::scalar(&client, "select 'after cancel'").await, "after cancel");
+    assert_eq!(
+        support::scalar(&client, "select 'after cancel'").await,
+        "after cancel"
+    );
 
     // A cancel with a key nobody holds is dropped silently.
     let mut stray = RawClient::connect(harness.proxy).await;
@@ -221,7 +287,10 @@ async fn cancel_reaches_the_server() {
     packet.extend_from_slice(&1_i32.to_be_bytes());
     packet.extend_from_slice(&2_i32.to_be_bytes());
     stray.send(&packet).await;
-    assert!(stray.message().await.is_none(), "no answer to an unknown cancel key");
+    assert!(
+        stray.message().await.is_none(),
+        "no answer to an unknown cancel key"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -252,12 +321,21 @@ async fn backend_key_and_parameter_status_are_the_servers() {
     // ended at once.
     let (observer, _) = harness.connect_direct().await;
     drop(raw);
-    support::eventually(Duration::from_secs(10), "the server process of a vanished client ends", || {
-        let observer = &observer;
-        async move {
-            support::scalar(observer, &format!("select count(*) from pg_stat_activity where pid = {pid}")).await == "0"
-        }
-    })
+    support::eventually(
+        Duration::from_secs(10),
+        "the server process of a vanished client ends",
+        || {
+            let observer = &observer;
+            async move {
+                support::scalar(
+                    observer,
+                    &format!("select count(*) from pg_stat_activity where pid = {pid}"),
+                )
+                .await
+                    == "0"
+            }
+        },
+    )
     .await;
     direct_raw.send(&support::frame(b'X', b"")).await;
 }
@@ -312,12 +390,19 @@ async fn server_loss_reaches_the_client() {
     // Terminated by an administrator: the client gets the server's own
     // FATAL (57P01).
     let (client, _) = harness.connect().await;
-    let pid: i32 = client.query_one("select pg_backend_pid()", &[]).await.expect("pid").get(0);
+    let pid: i32 = client
+        .query_one("select pg_backend_pid()", &[])
+        .await
+        .expect("pid")
+        .get(0);
     observer
         .simple_query(&format!("select pg_terminate_backend({pid})"))
         .await
         .expect("terminate");
-    let err = client.simple_query("select 1").await.expect_err("session is gone");
+    let err = client
+        .simple_query("select 1")
+        .await
+        .expect_err("session is gone");
     let code = err.code().cloned();
     assert!(
         code == Some(SqlState::ADMIN_SHUTDOWN) || err.is_closed(),
@@ -328,10 +413,22 @@ async fn server_loss_reaches_the_client() {
     // Reprise reports the loss with 08006.
     let (mut raw, greeting) = RawClient::login(harness.proxy).await;
     let pid = backend_pid(&greeting);
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).expect("kill -9");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill -9");
     let messages = raw.until_closed().await;
-    let error = messages.iter().find(|m| m.tag == b'E').expect("an ErrorResponse");
-    assert_eq!(error.sqlstate().as_deref(), Some("08006"), "{:?}", error.field(b'M'));
+    let error = messages
+        .iter()
+        .find(|m| m.tag == b'E')
+        .expect("an ErrorResponse");
+    assert_eq!(
+        error.sqlstate().as_deref(),
+        Some("08006"),
+        "{:?}",
+        error.field(b'M')
+    );
     assert_eq!(error.field(b'V').as_deref(), Some("FATAL"));
 }
 
@@ -404,9 +501,16 @@ async fn notification_stream_survives_pipelined_load() {
     });
     let work = (0..200).map(|i| {
         let listener = &listener;
-        async move { listener.query_one("select $1::int", &[&i]).await.map(|r| r.get::<_, i32>(0)) }
+        async move {
+            listener
+                .query_one("select $1::int", &[&i])
+                .await
+                .map(|r| r.get::<_, i32>(0))
+        }
     });
-    let results = futures_util::future::try_join_all(work).await.expect("work");
+    let results = futures_util::future::try_join_all(work)
+        .await
+        .expect("work");
     assert_eq!(results.len(), 200);
     sender.await.expect("sender");
     let mut payloads = Vec::new();
@@ -420,5 +524,8 @@ async fn notification_stream_survives_pipelined_load() {
             }
         }
     }
-    assert_eq!(payloads, (0..200).map(|i| i.to_string()).collect::<Vec<_>>());
+    assert_eq!(
+        payloads,
+        (0..200).map(|i| i.to_string()).collect::<Vec<_>>()
+    );
 }

@@ -18,7 +18,7 @@ pub struct Harness {
     pub proxy: SocketAddr,
     pub handle: ProxyHandle,
     task: Option<tokio::task::JoinHandle<()>>,
-    pub data_dir: tempfile::TempDir,
+    _data_dir: tempfile::TempDir,
     // Dropped last: sessions must not outlive their server in a way that
     // slows teardown.
     pub cluster: Cluster,
@@ -33,7 +33,10 @@ impl Harness {
     /// may adjust.
     pub async fn start_with(options: Options, tweak: impl FnOnce(&mut Config)) -> Harness {
         let cluster = start_cluster(options).await;
-        let data_dir = tempfile::Builder::new().prefix("reprise-test-").tempdir().expect("tempdir");
+        let data_dir = tempfile::Builder::new()
+            .prefix("reprise-test-")
+            .tempdir()
+            .expect("tempdir");
         let mut config = Config {
             listen: "127.0.0.1:0".parse().expect("addr"),
             data_dir: data_dir.path().to_owned(),
@@ -55,13 +58,16 @@ impl Harness {
             proxy: address,
             handle,
             task: Some(task),
-            data_dir,
+            _data_dir: data_dir,
             cluster,
         }
     }
 
     pub fn proxy_conn_str(&self) -> String {
-        format!("host=127.0.0.1 port={} user=postgres dbname=postgres", self.proxy.port())
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            self.proxy.port()
+        )
     }
 
     /// The cluster's own address, for raw clients that bypass the proxy.
@@ -79,7 +85,9 @@ impl Harness {
         connect(&self.proxy_conn_str()).await
     }
 
-    pub async fn connect_direct(&self) -> (Client, tokio::sync::mpsc::UnboundedReceiver<AsyncMessage>) {
+    pub async fn connect_direct(
+        &self,
+    ) -> (Client, tokio::sync::mpsc::UnboundedReceiver<AsyncMessage>) {
         connect(&self.direct_conn_str()).await
     }
 
@@ -108,7 +116,9 @@ pub async fn start_cluster(options: Options) -> Cluster {
         .expect("cluster starts")
 }
 
-pub async fn connect(conn_str: &str) -> (Client, tokio::sync::mpsc::UnboundedReceiver<AsyncMessage>) {
+pub async fn connect(
+    conn_str: &str,
+) -> (Client, tokio::sync::mpsc::UnboundedReceiver<AsyncMessage>) {
     let (client, mut connection) = tokio_postgres::connect(conn_str, NoTls)
         .await
         .unwrap_or_else(|err| panic!("connect {conn_str}: {err}"));
@@ -197,7 +207,10 @@ impl RawClient {
     pub async fn login(address: SocketAddr) -> (RawClient, Vec<Message>) {
         let mut client = RawClient::connect(address).await;
         client
-            .send(&startup_packet(196_608, &[("user", "postgres"), ("database", "postgres")]))
+            .send(&startup_packet(
+                196_608,
+                &[("user", "postgres"), ("database", "postgres")],
+            ))
             .await;
         let greeting = client.until_ready().await;
         (client, greeting)
@@ -216,7 +229,8 @@ impl RawClient {
     pub async fn message(&mut self) -> Option<Message> {
         loop {
             if self.buf.len() >= 5 {
-                let len = i32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
+                let len = i32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]])
+                    as usize;
                 if self.buf.len() > len {
                     let tag = self.buf[0];
                     self.buf.advance(5);
@@ -224,10 +238,11 @@ impl RawClient {
                     return Some(Message { tag, body });
                 }
             }
-            let read = tokio::time::timeout(Duration::from_secs(30), self.stream.read_buf(&mut self.buf))
-                .await
-                .expect("a message within 30s")
-                .unwrap_or(0);
+            let read =
+                tokio::time::timeout(Duration::from_secs(30), self.stream.read_buf(&mut self.buf))
+                    .await
+                    .expect("a message within 30s")
+                    .unwrap_or(0);
             if read == 0 {
                 return None;
             }
@@ -248,7 +263,10 @@ impl RawClient {
     pub async fn until_ready(&mut self) -> Vec<Message> {
         let mut messages = Vec::new();
         loop {
-            let message = self.message().await.expect("connection closed before ReadyForQuery");
+            let message = self
+                .message()
+                .await
+                .expect("connection closed before ReadyForQuery");
             let done = message.tag == b'Z';
             messages.push(message);
             if done {
@@ -269,7 +287,10 @@ impl RawClient {
 
 /// The process id a greeting's BackendKeyData carries.
 pub fn backend_pid(greeting: &[Message]) -> i32 {
-    let key = greeting.iter().find(|m| m.tag == b'K').expect("BackendKeyData");
+    let key = greeting
+        .iter()
+        .find(|m| m.tag == b'K')
+        .expect("BackendKeyData");
     i32::from_be_bytes([key.body[0], key.body[1], key.body[2], key.body[3]])
 }
 
