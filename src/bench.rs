@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
+use tokio_util::sync::CancellationToken;
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -68,17 +69,13 @@ impl Drop for Guarded {
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
-    tokio::select! {
-        result = tokio::task::spawn_blocking(move || bench(&args)) => result?,
-        _ = tokio::signal::ctrl_c() => {
-            // Dropping the blocking task is not possible; exiting the
-            // process runs no destructors, so stop what this run started.
-            bail!("interrupted")
-        }
-    }
+    // The bench checks this between pgbench runs and unwinds normally, so
+    // that the cluster and the proxies it started are stopped on Ctrl-C.
+    let interrupted = crate::interrupt_token()?;
+    tokio::task::spawn_blocking(move || bench(&args, &interrupted)).await?
 }
 
-fn bench(args: &BenchArgs) -> anyhow::Result<()> {
+fn bench(args: &BenchArgs, interrupted: &CancellationToken) -> anyhow::Result<()> {
     let max_clients = args.clients.iter().copied().max().unwrap_or(32);
     let cluster = throwaway_pg::Cluster::start_with(throwaway_pg::Options {
         max_connections: max_clients * 2 + 20,
@@ -159,6 +156,9 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
                 // Rotate the order each round so no target always runs
                 // first (right after another's warm-up) or last.
                 for offset in 0..targets.len() {
+                    if interrupted.is_cancelled() {
+                        bail!("interrupted: stopped the proxies and the throwaway PostgreSQL");
+                    }
                     let index = (pair + offset) % targets.len();
                     let (target, port) = targets[index];
                     let tps =

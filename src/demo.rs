@@ -39,6 +39,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .finish();
     let _ = tracing::subscriber::set_global_default(subscriber);
 
+    // Watch Ctrl-C from the start, so that one pressed while the cluster
+    // is still starting is not fatal to the process before cleanup.
+    let interrupted = crate::interrupt_token()?;
+
     // The cluster lives in this scope, so every exit path below (errors and
     // Ctrl-C included) drops it, which stops the server and deletes its files.
     let (cluster, backend) = match &args.backend {
@@ -67,6 +71,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
                 host: cluster.host().to_owned(),
                 port: cluster.port(),
             };
+            if interrupted.is_cancelled() {
+                tokio::task::spawn_blocking(move || drop(cluster)).await?;
+                println!("Interrupted: the throwaway PostgreSQL was stopped and removed.");
+                return Ok(());
+            }
             (Some(cluster), backend)
         }
     };
@@ -92,7 +101,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 
     let outcome = tokio::select! {
         outcome = workload(&args, address) => outcome,
-        _ = tokio::signal::ctrl_c() => {
+        () = interrupted.cancelled() => {
             println!("\nInterrupted: cleaning up.");
             Ok(())
         }

@@ -73,6 +73,23 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// Cancelled on the first SIGINT or SIGTERM; installed before any work
+/// starts, so that an interruption always leads to an orderly cleanup.
+fn interrupt_token() -> anyhow::Result<tokio_util::sync::CancellationToken> {
+    let token = tokio_util::sync::CancellationToken::new();
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    let mut terminate = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    let trigger = token.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+        }
+        trigger.cancel();
+    });
+    Ok(token)
+}
+
 type FilterHandle = reload::Handle<EnvFilter, tracing_subscriber::Registry>;
 
 fn init_logging(config: &Config) -> anyhow::Result<FilterHandle> {
