@@ -401,7 +401,7 @@ mod tests {
         let text = include_str!("../fixtures/reprise.toml");
         let config = parse(text).expect("example config is valid");
         assert_eq!(config.backends[0].name, "primary");
-        assert_eq!(config.connect_timeout.0, Duration::from_secs(5));
+        assert_eq!(config.connect_timeout.0, Duration::from_secs(10));
         assert_eq!(config.max_message_size.0, 256 * 1024 * 1024);
     }
 

@@ -12,6 +12,7 @@ use crate::config::Config;
 use crate::datadir::{DataDirError, DataDirLock};
 use crate::frontend::listener::Listener;
 use crate::session::cancel::CancelRegistry;
+use crate::session::control::{Order, Sessions};
 use crate::users::{Users, UsersFileError};
 
 #[derive(Debug, thiserror::Error)]
@@ -38,8 +39,8 @@ pub struct Shared {
     pub(crate) clients: AtomicUsize,
     /// Stop accepting; close sessions as they become idle.
     pub(crate) draining: CancellationToken,
-    /// Close every session now.
-    pub(crate) terminate: CancellationToken,
+    /// Orders to running sessions.
+    pub(crate) sessions: Arc<Sessions>,
     session_ids: AtomicU64,
 }
 
@@ -116,7 +117,7 @@ impl Proxy {
             cancel: Arc::new(CancelRegistry::default()),
             clients: AtomicUsize::new(0),
             draining: CancellationToken::new(),
-            terminate: CancellationToken::new(),
+            sessions: Arc::new(Sessions::default()),
             session_ids: AtomicU64::new(0),
         });
         Ok(Proxy {
@@ -168,7 +169,7 @@ impl Proxy {
                 sessions = self.shared.clients.load(Ordering::Relaxed),
                 "shutdown_timeout reached: closing the remaining sessions"
             );
-            self.shared.terminate.cancel();
+            self.shared.sessions.broadcast(Order::Terminate);
             sessions.wait().await;
         }
         tracing::info!("all sessions closed");
@@ -185,12 +186,13 @@ impl ProxyHandle {
     /// Starts a graceful shutdown.
     pub fn shutdown(&self) {
         self.shared.draining.cancel();
+        self.shared.sessions.broadcast(Order::Drain);
     }
 
     /// Closes every session at once.
     pub fn terminate(&self) {
         self.shared.draining.cancel();
-        self.shared.terminate.cancel();
+        self.shared.sessions.broadcast(Order::Terminate);
     }
 
     pub fn active_sessions(&self) -> usize {

@@ -7,9 +7,11 @@
 //! forwarded as the bytes that arrived, in batches.
 
 pub mod cancel;
+pub mod control;
 pub mod relay;
 
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -23,6 +25,7 @@ use crate::wire::frontend::{self, FrontendKind};
 use crate::wire::reply::{self, sqlstate};
 use crate::wire::startup::StartupMessage;
 use cancel::{CancelHandle, CancelTarget, ClientKey};
+use control::{ControlHandle, Order};
 use relay::{Event, Relay};
 
 /// How long a goodbye (a last error, a Terminate) may take to write.
@@ -49,6 +52,13 @@ impl Progress {
     fn idle(&self) -> bool {
         self.at_boundary() && self.status == b'I'
     }
+}
+
+/// What woke the session.
+enum Step {
+    Io(Event),
+    Drain,
+    Terminate,
 }
 
 /// Why a session ended, for the log.
@@ -136,7 +146,6 @@ async fn goodbye<C: AsyncWrite + Unpin>(client: &mut C, message: BytesMut) {
 
 struct Session<C> {
     relay: Relay<C, tokio::net::TcpStream>,
-    shared: Arc<Shared>,
     max_message_size: usize,
     progress: Progress,
     /// The server sent a FATAL error: its connection is about to end and
@@ -144,6 +153,7 @@ struct Session<C> {
     server_said_fatal: bool,
     backend_name: String,
     draining: bool,
+    control: ControlHandle,
     _cancel: CancelHandle,
 }
 
@@ -173,16 +183,12 @@ where
             server_said_fatal: false,
             backend_name: server.backend.name,
             draining: false,
+            control: shared.sessions.register(),
             _cancel: cancel,
-            shared,
         }
     }
 
     async fn run(mut self) {
-        let draining = self.shared.draining.clone();
-        let terminate = self.shared.terminate.clone();
-        let mut drain_signal = std::pin::pin!(draining.cancelled_owned());
-        let mut terminate_signal = std::pin::pin!(terminate.cancelled_owned());
         // Bytes that came with the server's greeting are steady-state
         // messages (a notification, say).
         let mut ending = if self.relay.from_server.is_empty() {
@@ -191,14 +197,19 @@ where
             self.on_server_data().err()
         };
         while ending.is_none() {
-            let event = tokio::select! {
-                biased;
-                event = std::future::poll_fn(|cx| self.relay.poll_event(cx)) => event,
-                () = &mut terminate_signal => {
+            let step = std::future::poll_fn(|cx| match self.control.poll_order(cx) {
+                Order::Terminate => Poll::Ready(Step::Terminate),
+                Order::Drain if !self.draining => Poll::Ready(Step::Drain),
+                _ => self.relay.poll_event(cx).map(Step::Io),
+            })
+            .await;
+            let event = match step {
+                Step::Io(event) => event,
+                Step::Terminate => {
                     ending = Some(Ending::Shutdown);
                     break;
                 }
-                () = &mut drain_signal, if !self.draining => {
+                Step::Drain => {
                     self.draining = true;
                     if self.progress.idle() {
                         ending = Some(Ending::Shutdown);

@@ -20,7 +20,11 @@ use tokio::io::{AsyncRead, AsyncWrite};
 /// Stop reading from a side while this much is queued for the other.
 const HIGH_WATER: usize = 4 * 1024 * 1024;
 /// Spare room made before each read.
-const READ_CHUNK: usize = 32 * 1024;
+const READ_CHUNK: usize = 16 * 1024;
+/// An empty inbox bigger than this (left by one huge message) is given
+/// back, so that an idle session holds kilobytes, not the size of its
+/// largest row.
+const SHRINK_ABOVE: usize = 1024 * 1024;
 /// Chunks handed to one vectored write.
 const MAX_IOV: usize = 64;
 
@@ -67,14 +71,22 @@ impl Outbox {
         writer: &mut W,
         cx: &mut Context<'_>,
     ) -> Poll<io::Result<()>> {
-        while !self.chunks.is_empty() {
-            let mut slices = [IoSlice::new(&[]); MAX_IOV];
-            let mut count = 0;
-            for chunk in self.chunks.iter().take(MAX_IOV) {
-                slices[count] = IoSlice::new(chunk);
-                count += 1;
-            }
-            let written = match Pin::new(&mut *writer).poll_write_vectored(cx, &slices[..count]) {
+        while let Some(front) = self.chunks.front() {
+            // One chunk (the usual case: one read's worth of frames) goes
+            // out with a plain send, which is cheaper in the kernel than
+            // writev; several go out in one writev.
+            let poll = if self.chunks.len() == 1 {
+                Pin::new(&mut *writer).poll_write(cx, front)
+            } else {
+                let mut slices = [IoSlice::new(&[]); MAX_IOV];
+                let mut count = 0;
+                for chunk in self.chunks.iter().take(MAX_IOV) {
+                    slices[count] = IoSlice::new(chunk);
+                    count += 1;
+                }
+                Pin::new(&mut *writer).poll_write_vectored(cx, &slices[..count])
+            };
+            let written = match poll {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                 Poll::Ready(Ok(written)) => written,
                 Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
@@ -202,7 +214,9 @@ where
 /// allocation once every frame split off it has been written, and grows
 /// geometrically for a large frame, so the cost stays linear.
 fn reserve(buf: &mut BytesMut) {
-    if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+    if buf.is_empty() && buf.capacity() > SHRINK_ABOVE {
+        *buf = BytesMut::with_capacity(READ_CHUNK);
+    } else if buf.capacity() - buf.len() < READ_CHUNK / 4 {
         buf.reserve(READ_CHUNK);
     }
 }
