@@ -2,11 +2,18 @@
 //! SQLSTATE 08P01 and a precise message, and a session opened before keeps
 //! working.
 
-use crate::support::{self, frame, query, startup_packet, Harness, Message, RawClient};
+use crate::support::{self, frame, query, startup_packet, Harness, RawClient};
 
-/// Sends `bytes` on a fresh connection (after logging in when `login`),
-/// and returns the error the proxy answers with before closing.
-async fn refused(harness: &Harness, login: bool, bytes: &[u8]) -> Message {
+/// Sends `bytes` on a fresh connection (after logging in when `login`)
+/// and checks that the proxy answers with a FATAL error of `sqlstate`
+/// whose message contains `expected`, then closes.
+async fn assert_refused(
+    harness: &Harness,
+    login: bool,
+    bytes: &[u8],
+    sqlstate: &str,
+    expected: &str,
+) {
     let mut client = if login {
         RawClient::login(harness.proxy).await.0
     } else {
@@ -17,14 +24,14 @@ async fn refused(harness: &Harness, login: bool, bytes: &[u8]) -> Message {
     let error = messages
         .iter()
         .find(|m| m.tag == b'E')
-        .cloned()
-        .unwrap_or_else(|| panic!("no ErrorResponse, got {messages:?}"));
+        .unwrap_or_else(|| panic!("no ErrorResponse for {expected:?}, got {messages:?}"));
     assert_eq!(error.field(b'V').as_deref(), Some("FATAL"), "{error:?}");
-    error
-}
-
-fn message_of(error: &Message) -> String {
-    error.field(b'M').unwrap_or_default()
+    assert_eq!(error.sqlstate().as_deref(), Some(sqlstate), "{error:?}");
+    let message = error.field(b'M').unwrap_or_default();
+    assert!(
+        message.contains(expected),
+        "expected {expected:?} in {message:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -36,91 +43,53 @@ async fn garbage_is_refused_and_others_keep_running() {
         .await
         .expect("work in progress");
 
-    // Not PostgreSQL at all: an HTTP request.
-    let error = refused(&harness, false, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
-    assert_eq!(error.sqlstate().as_deref(), Some("08P01"));
-    assert!(
-        message_of(&error).contains("invalid length of startup packet"),
-        "{}",
-        message_of(&error)
-    );
-
-    // A startup packet with a protocol version nobody speaks.
-    let error = refused(
-        &harness,
-        false,
-        &startup_packet(0x1234_5678, &[("user", "postgres")]),
-    )
-    .await;
-    assert_eq!(error.sqlstate().as_deref(), Some("08P01"));
-    assert!(
-        message_of(&error).contains("unsupported frontend protocol 4660.22136"),
-        "{}",
-        message_of(&error)
-    );
-
     // A startup packet whose parameter list is not terminated.
-    let mut broken = startup_packet(196_608, &[("user", "postgres")]);
-    broken.pop();
-    broken[3] -= 1;
-    let error = refused(&harness, false, &broken).await;
-    assert_eq!(error.sqlstate().as_deref(), Some("08P01"));
-    assert!(
-        message_of(&error).contains("invalid startup packet layout"),
-        "{}",
-        message_of(&error)
-    );
-
-    // An unknown message type after login.
-    let error = refused(&harness, true, &frame(b'z', b"whatever")).await;
-    assert_eq!(error.sqlstate().as_deref(), Some("08P01"));
-    assert_eq!(
-        message_of(&error),
-        "invalid frontend message type 122 ('z')"
-    );
-
+    let mut unterminated = startup_packet(196_608, &[("user", "postgres")]);
+    unterminated.pop();
+    unterminated[3] -= 1;
     // A length field that lies: the Query claims 8 bytes, so its string has
     // no terminator within the message.
     let mut lying = b"Q\0\0\0\x08select 1\0".to_vec();
     lying.extend_from_slice(&frame(b'S', b""));
-    let error = refused(&harness, true, &lying).await;
-    assert_eq!(error.sqlstate().as_deref(), Some("08P01"));
-    assert!(
-        message_of(&error).starts_with("invalid Query message"),
-        "{}",
-        message_of(&error)
-    );
-
     // A Bind whose parameter length runs past the end of the message.
     let mut bind = b"\0\0\0\0\0\x01".to_vec();
     bind.extend_from_slice(&1000_i32.to_be_bytes());
     bind.extend_from_slice(b"abc\0\0");
-    let error = refused(&harness, true, &frame(b'B', &bind)).await;
-    assert_eq!(error.sqlstate().as_deref(), Some("08P01"));
-    assert!(
-        message_of(&error).starts_with("invalid Bind message"),
-        "{}",
-        message_of(&error)
-    );
 
-    // A length below 4.
-    let error = refused(&harness, true, b"Q\0\0\0\x02").await;
-    assert_eq!(error.sqlstate().as_deref(), Some("08P01"));
-    assert!(
-        message_of(&error).contains("invalid message length 2"),
-        "{}",
-        message_of(&error)
-    );
-
-    // An oversized message is refused from its header alone: the body is
-    // never sent, so the answer cannot come from buffering it.
-    let error = refused(&harness, true, b"Q\x7f\xff\xff\xf0").await;
-    assert_eq!(error.sqlstate().as_deref(), Some("08P01"));
-    assert!(
-        message_of(&error).contains("exceeds the maximum message size of 268435456 bytes"),
-        "{}",
-        message_of(&error)
-    );
+    let cases: [(bool, Vec<u8>, &str); 8] = [
+        // Not PostgreSQL at all: an HTTP request.
+        (
+            false,
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+            "invalid length of startup packet",
+        ),
+        // A protocol version nobody speaks.
+        (
+            false,
+            startup_packet(0x1234_5678, &[("user", "postgres")]),
+            "unsupported frontend protocol 4660.22136",
+        ),
+        (false, unterminated, "invalid startup packet layout"),
+        (
+            true,
+            frame(b'z', b"whatever"),
+            "invalid frontend message type 122 ('z')",
+        ),
+        (true, lying, "invalid Query message"),
+        (true, frame(b'B', &bind), "invalid Bind message"),
+        // A length below 4.
+        (true, b"Q\0\0\0\x02".to_vec(), "invalid message length 2"),
+        // An oversized message is refused from its header alone: the body
+        // is never sent, so the answer cannot come from buffering it.
+        (
+            true,
+            b"Q\x7f\xff\xff\xf0".to_vec(),
+            "exceeds the maximum message size of 268435456 bytes",
+        ),
+    ];
+    for (login, bytes, expected) in cases {
+        assert_refused(&harness, login, &bytes, "08P01", expected).await;
+    }
 
     // The session opened before is untouched, transaction and all.
     assert_eq!(
@@ -173,13 +142,14 @@ async fn negotiation_requests() {
     assert!(row.body.ends_with(b"negotiator"));
 
     // No user name: refused like PostgreSQL does.
-    let error = refused(
+    assert_refused(
         &harness,
         false,
         &startup_packet(196_608, &[("database", "postgres")]),
+        "28000",
+        "no PostgreSQL user name specified",
     )
     .await;
-    assert_eq!(error.sqlstate().as_deref(), Some("28000"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -335,25 +335,11 @@ async fn logs_in_to_servers_that_ask_for_passwords() {
         assert_eq!(support::scalar(&client, "select current_user").await, user);
     }
     // A wrong password: the client gets the server's own refusal.
-    let err = tokio_postgres::connect(&through("dave"), NoTls)
-        .await
-        .err()
-        .expect("refused");
-    assert_eq!(err.code(), Some(&SqlState::INVALID_PASSWORD));
-    let text = err
-        .as_db_error()
-        .map(|e| e.message().to_owned())
-        .unwrap_or_default();
+    let (code, text) = support::refusal(&through("dave")).await;
+    assert_eq!(code, Some(SqlState::INVALID_PASSWORD));
     assert_eq!(text, "password authentication failed for user \"dave\"");
     // No password at all for that user.
-    let err = tokio_postgres::connect(&through("eve"), NoTls)
-        .await
-        .err()
-        .expect("refused");
-    assert_eq!(err.code(), Some(&SqlState::INVALID_PASSWORD));
-    let text = err
-        .as_db_error()
-        .map(|e| e.message().to_owned())
-        .unwrap_or_default();
+    let (code, text) = support::refusal(&through("eve")).await;
+    assert_eq!(code, Some(SqlState::INVALID_PASSWORD));
     assert!(text.contains("users file has none"), "{text}");
 }

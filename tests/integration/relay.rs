@@ -211,16 +211,7 @@ async fn notifications_and_notices_arrive_while_idle() {
         .batch_execute("notify chan, 'payload 1'")
         .await
         .expect("notify");
-    let notification = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match messages.recv().await.expect("connection open") {
-                AsyncMessage::Notification(notification) => return notification,
-                _ => continue,
-            }
-        }
-    })
-    .await
-    .expect("notification while idle");
+    let notification = support::next_async(&mut messages, support::notification).await;
     assert_eq!(notification.channel(), "chan");
     assert_eq!(notification.payload(), "payload 1");
     assert_eq!(notification.process_id(), notifier_pid);
@@ -230,15 +221,7 @@ async fn notifications_and_notices_arrive_while_idle() {
         .batch_execute("notify chan, 'self'")
         .await
         .expect("notify self");
-    let own = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            if let AsyncMessage::Notification(n) = messages.recv().await.expect("open") {
-                return n;
-            }
-        }
-    })
-    .await
-    .expect("own notification");
+    let own = support::next_async(&mut messages, support::notification).await;
     assert_eq!(own.process_id(), listener_pid);
 
     // A notice raised by the server reaches the client.
@@ -246,15 +229,11 @@ async fn notifications_and_notices_arrive_while_idle() {
         .batch_execute("do $$ begin raise notice 'hello notice'; end $$")
         .await
         .expect("notice");
-    let notice = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            if let AsyncMessage::Notice(notice) = messages.recv().await.expect("open") {
-                return notice;
-            }
-        }
+    let notice = support::next_async(&mut messages, |message| match message {
+        AsyncMessage::Notice(notice) => Some(notice),
+        _ => None,
     })
-    .await
-    .expect("notice");
+    .await;
     assert_eq!(notice.message(), "hello notice");
 }
 

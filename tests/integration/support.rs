@@ -132,6 +132,44 @@ pub async fn connect(
     (client, receiver)
 }
 
+/// Waits (up to 10 s) for the first asynchronous message `pick` accepts,
+/// skipping the others.
+pub async fn next_async<T>(
+    messages: &mut tokio::sync::mpsc::UnboundedReceiver<AsyncMessage>,
+    pick: impl Fn(AsyncMessage) -> Option<T>,
+) -> T {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let message = messages.recv().await.expect("connection open");
+            if let Some(found) = pick(message) {
+                return found;
+            }
+        }
+    })
+    .await
+    .expect("the message arrives within 10s")
+}
+
+pub fn notification(message: AsyncMessage) -> Option<tokio_postgres::Notification> {
+    match message {
+        AsyncMessage::Notification(notification) => Some(notification),
+        _ => None,
+    }
+}
+
+/// The SQLSTATE and message of a refused connection attempt.
+pub async fn refusal(conn_str: &str) -> (Option<tokio_postgres::error::SqlState>, String) {
+    let err = tokio_postgres::connect(conn_str, NoTls)
+        .await
+        .err()
+        .expect("the connection is refused");
+    let message = err
+        .as_db_error()
+        .map(|e| e.message().to_owned())
+        .unwrap_or_default();
+    (err.code().cloned(), message)
+}
+
 /// One backend message: its tag and body.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Message {
