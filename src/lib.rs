@@ -13,6 +13,8 @@ pub mod datadir;
 pub mod frontend;
 pub mod proxy;
 pub mod session;
+pub mod state;
+pub mod template;
 pub mod users;
 pub mod wire;
 
