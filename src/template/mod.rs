@@ -12,6 +12,8 @@
 mod attributes;
 mod codec;
 mod id;
+mod plan;
+pub use plan::{quote_identifier, quote_literal, PlanError, RestorePlan, RestoreStep};
 mod registry;
 mod replay;
 

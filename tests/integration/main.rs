@@ -6,4 +6,5 @@ mod bad_input;
 mod clients;
 mod lifecycle;
 mod relay;
+mod restore_plan;
 mod support;
