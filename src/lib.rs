@@ -13,6 +13,7 @@ pub mod datadir;
 pub mod frontend;
 pub mod proxy;
 pub mod session;
+pub mod stats;
 pub mod state;
 pub mod template;
 pub mod users;

@@ -145,6 +145,8 @@ pub enum Kind {
     Call,
     /// `COPY`: may switch the connection into the COPY sub-protocol.
     Copy,
+    /// `SHOW reprise.…`: answered by Reprise itself.
+    ShowReprise,
     /// Several of the above at once, e.g. a DECLARE whose query takes an
     /// advisory lock: only a full parse can tell the tracker everything.
     Multiple,
@@ -381,6 +383,7 @@ fn lead(c: &mut Cursor, first: Lexeme, explained: bool) -> Lead {
     match Folded::of(&first).as_bytes() {
         b"select" | b"with" | b"values" | b"table" | b"insert" | b"update" | b"delete"
         | b"merge" => Lead::Ordinary(QUERY),
+        b"show" if c.peek().is_some_and(|t| t.names(b"reprise")) => kind(Kind::ShowReprise),
         b"show" | b"checkpoint" | b"vacuum" | b"analyze" | b"analyse" | b"cluster" | b"reindex"
         | b"refresh" | b"truncate" | b"lock" | b"comment" | b"grant" | b"revoke" | b"security"
         | b"import" | b"notify" | b"reassign" => Lead::Ordinary(NOTHING),

@@ -1,0 +1,991 @@
+//! The per-session state tracker: what PostgreSQL holds for one session,
+//! kept in step with the server.
+//!
+//! It is fed statement by statement, in the order the server runs them:
+//! an effect is applied when the server confirms the statement
+//! (CommandComplete), never when the client sends it, so that a failing
+//! statement leaves state as the server leaves it. Transactions are
+//! modelled as PostgreSQL runs them: GUC, role and LISTEN changes inside a
+//! transaction (explicit, or the implicit one of a multi-statement query
+//! or an extended-protocol batch) are undone when it rolls back, and
+//! prepared statements and session advisory locks are not.
+//!
+//! ParameterStatus and ReadyForQuery are the server's word and win over
+//! what the statement text implied.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::classify::{classify, Class};
+use super::effect::{effect_of, Discard, Effect, TransactionModes};
+use super::lexer::{split_statements, LexOptions};
+use crate::stats::Stats;
+use crate::template::{
+    fold_guc_name, state_hash, NonRecoverable, PreparedOrigin, PreparedStatement, Registry,
+    ReplayState, StateHash, Template, TemplateId, TemplateRef, TransactionStatus,
+};
+
+/// Key of a SET LOCAL ROLE in [`ReplayState::local_settings`].
+const LOCAL_ROLE: &[u8] = b"role";
+/// Key of a SET LOCAL SESSION AUTHORIZATION.
+const LOCAL_AUTHORIZATION: &[u8] = b"session_authorization";
+/// Value of a local setting reset to its default (`SET LOCAL x TO
+/// DEFAULT`); a NUL byte cannot occur in a real value.
+pub const LOCAL_DEFAULT: &[u8] = b"\0default";
+
+/// Reported parameters that describe the server or follow from other
+/// state, never set by the session itself.
+const SERVER_REPORTED: &[&[u8]] = &[
+    b"server_version",
+    b"server_encoding",
+    b"integer_datetimes",
+    b"in_hot_standby",
+    b"is_superuser",
+    b"session_authorization",
+];
+
+/// Which kinds of non-recoverable state a rollback takes back.
+const TRANSACTIONAL: [NonRecoverable; 3] = [
+    NonRecoverable::TempObjects,
+    NonRecoverable::HoldCursors,
+    NonRecoverable::SnapshotImport,
+];
+
+/// The tracked state of one session.
+pub struct Tracker {
+    registry: Arc<Registry>,
+    stats: Arc<Stats>,
+    /// The template the session started in.
+    startup: TemplateRef,
+    /// The registered template; stale while `dirty`.
+    template: TemplateRef,
+    /// Session-level state as of now, including changes made inside the
+    /// open transaction.
+    working: Template,
+    dirty: bool,
+    replay: ReplayState,
+    hash: Option<StateHash>,
+    tx: Option<Transaction>,
+    held_cursors: BTreeSet<Bytes>,
+    /// What EXECUTE of each SQL-prepared statement does.
+    prepared_effects: HashMap<Bytes, Effect>,
+    /// Values of reported parameters as the server last reported them.
+    reported: HashMap<Bytes, Bytes>,
+    lex: LexOptions,
+    /// A statement since the last safe point cannot be journaled or
+    /// replayed (a credential); cleared at the next safe point.
+    unreplayable: bool,
+}
+
+/// The open transaction, explicit or implicit.
+struct Transaction {
+    explicit: bool,
+    failed: bool,
+    /// State at the start, taken before the first change.
+    start: Option<Snapshot>,
+    /// LISTEN / UNLISTEN take effect at commit.
+    pending_listen: Vec<ListenChange>,
+    savepoints: Vec<Savepoint>,
+}
+
+struct Savepoint {
+    name: Bytes,
+    /// State when the savepoint was set, taken before the first change
+    /// after it.
+    state: Option<Snapshot>,
+    pending_listen: usize,
+}
+
+#[derive(Clone)]
+struct Snapshot {
+    template: Template,
+    local_settings: BTreeMap<Bytes, Bytes>,
+    non_recoverable: crate::template::NonRecoverableSet,
+    held_cursors: BTreeSet<Bytes>,
+}
+
+#[derive(Clone, Debug)]
+enum ListenChange {
+    Listen(Bytes),
+    Unlisten(Bytes),
+    UnlistenAll,
+}
+
+/// What the tracker knows at a ReadyForQuery.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ready {
+    pub template: TemplateId,
+    pub state_hash: StateHash,
+    /// The template alone describes the session.
+    pub safe: bool,
+}
+
+impl Tracker {
+    /// A tracker for a session that logged in with `startup` parameters;
+    /// `reported` are the ParameterStatus values of the server's greeting.
+    pub fn new<'p>(
+        registry: Arc<Registry>,
+        stats: Arc<Stats>,
+        startup: impl IntoIterator<Item = (&'p [u8], &'p [u8])>,
+        reported: impl IntoIterator<Item = (&'p [u8], &'p [u8])>,
+    ) -> Self {
+        let mut template = Template::default();
+        for (name, value) in startup {
+            template
+                .startup
+                .insert(Bytes::copy_from_slice(name), Bytes::copy_from_slice(value));
+        }
+        let reported: HashMap<Bytes, Bytes> = reported
+            .into_iter()
+            .map(|(name, value)| (fold_guc_name(name), Bytes::copy_from_slice(value)))
+            .collect();
+        let lex = lex_options(&reported);
+        let startup = registry.acquire(template.clone());
+        stats.sessions_tracked.inc();
+        Tracker {
+            template: startup.clone(),
+            startup,
+            registry,
+            stats,
+            working: template,
+            dirty: false,
+            replay: ReplayState::default(),
+            hash: None,
+            tx: None,
+            held_cursors: BTreeSet::new(),
+            prepared_effects: HashMap::new(),
+            reported,
+            lex,
+            unreplayable: false,
+        }
+    }
+
+    /// The session's current state, session-level part.
+    pub fn template(&self) -> &Template {
+        &self.working
+    }
+
+    pub fn startup_template(&self) -> &Arc<Template> {
+        self.startup.template()
+    }
+
+    pub fn replay_state(&self) -> &ReplayState {
+        &self.replay
+    }
+
+    pub fn lex_options(&self) -> &LexOptions {
+        &self.lex
+    }
+
+    /// True between BEGIN and the end of its transaction (status 'T' or
+    /// 'E'), as far as the tracker knows now.
+    pub fn in_transaction_block(&self) -> bool {
+        self.tx.as_ref().is_some_and(|tx| tx.explicit)
+            || self.replay.status != TransactionStatus::Idle
+    }
+
+    pub fn unreplayable(&self) -> bool {
+        self.unreplayable
+    }
+
+    /// The registered id of the current template.
+    pub fn template_id(&mut self) -> TemplateId {
+        self.register();
+        self.template.id()
+    }
+
+    /// blake3(TemplateId + replay state), recomputed only after a change.
+    pub fn state_hash(&mut self) -> StateHash {
+        self.register();
+        if let Some(hash) = self.hash {
+            return hash;
+        }
+        let hash = state_hash(self.template.id(), &self.replay);
+        self.hash = Some(hash);
+        hash
+    }
+
+    /// Registers the working template if it changed.
+    fn register(&mut self) {
+        if self.dirty {
+            self.dirty = false;
+            if *self.template.template().as_ref() != self.working {
+                self.template = self.registry.acquire(self.working.clone());
+                self.hash = None;
+            }
+        }
+    }
+
+    /// Classifies the statements of a simple Query, in order.
+    pub fn query_effects(&self, sql: &[u8]) -> Vec<Effect> {
+        let mut effects = Vec::new();
+        for range in split_statements(sql, &self.lex) {
+            effects.push(self.statement_effect(&sql[range]));
+        }
+        effects
+    }
+
+    /// Classifies one statement and counts the result.
+    pub fn statement_effect(&self, statement: &[u8]) -> Effect {
+        let class = classify(statement, &self.lex);
+        match class {
+            Class::Ordinary => {
+                self.stats.statements_ordinary.inc();
+                Effect::None
+            }
+            Class::Unknown => {
+                self.stats.statements_unclassified.inc();
+                Effect::Unknown
+            }
+            Class::Candidate(_) => {
+                self.stats.statements_candidate.inc();
+                let effect = effect_of(statement, class, &self.lex);
+                if effect == Effect::Unknown {
+                    self.stats.statements_unclassified.inc();
+                }
+                effect
+            }
+        }
+    }
+
+    /// The server completed a statement (CommandComplete or
+    /// EmptyQueryResponse).
+    pub fn statement_done(&mut self, effect: &Effect) {
+        if self.tx.is_none() {
+            self.tx = Some(Transaction::new(false));
+        }
+        self.apply(effect);
+    }
+
+    /// The server refused a statement or message (a non-FATAL
+    /// ErrorResponse).
+    pub fn statement_failed(&mut self) {
+        match &mut self.tx {
+            Some(tx) if tx.explicit => tx.failed = true,
+            // The implicit transaction aborts at once.
+            Some(_) => self.end_transaction(false),
+            None => {}
+        }
+    }
+
+    /// ReadyForQuery with `status`: the implicit transaction, if any, is
+    /// over, and the server's status is the truth.
+    pub fn ready(&mut self, status: u8) -> Ready {
+        let status = TransactionStatus::from_byte(status).unwrap_or(TransactionStatus::Idle);
+        match (&self.tx, status) {
+            (Some(tx), TransactionStatus::Idle) => {
+                let explicit = tx.explicit;
+                let failed = tx.failed;
+                if explicit && !failed {
+                    // Ended by something the text did not show (a
+                    // procedure's COMMIT, say): the outcome is unknown.
+                    self.mark_mismatch();
+                }
+                self.end_transaction(!failed);
+            }
+            (Some(tx), TransactionStatus::Failed) if !tx.failed => {
+                if let Some(tx) = &mut self.tx {
+                    tx.failed = true;
+                    tx.explicit = true;
+                }
+            }
+            (Some(tx), TransactionStatus::InTransaction) if !tx.explicit || tx.failed => {
+                self.mark_mismatch();
+                if let Some(tx) = &mut self.tx {
+                    tx.explicit = true;
+                    tx.failed = false;
+                }
+            }
+            (None, TransactionStatus::InTransaction | TransactionStatus::Failed) => {
+                self.mark_mismatch();
+                let mut tx = Transaction::new(true);
+                tx.failed = status == TransactionStatus::Failed;
+                self.tx = Some(tx);
+            }
+            _ => {}
+        }
+        if self.replay.status != status {
+            self.replay.status = status;
+            self.hash = None;
+        }
+        let safe = self.replay.is_safe_point();
+        if safe {
+            self.unreplayable = false;
+        }
+        Ready {
+            template: self.template_id(),
+            state_hash: self.state_hash(),
+            safe,
+        }
+    }
+
+    /// A ParameterStatus after the greeting.
+    pub fn parameter_status(&mut self, name: &[u8], value: &[u8]) {
+        let name = fold_guc_name(name);
+        let value = Bytes::copy_from_slice(value);
+        let changed = self.reported.get(&name) != Some(&value);
+        self.reported.insert(name.clone(), value.clone());
+        if matches!(
+            &name[..],
+            b"client_encoding" | b"standard_conforming_strings"
+        ) {
+            self.lex = lex_options(&self.reported);
+        }
+        if !changed || SERVER_REPORTED.contains(&&name[..]) {
+            return;
+        }
+        // The server canonicalizes values (`iso` becomes `ISO, MDY`) and
+        // functions can change reported GUCs: take its spelling.
+        if let Some(local) = self.replay.local_settings.get_mut(&name) {
+            if *local != value {
+                *local = value;
+                self.hash = None;
+            }
+            return;
+        }
+        let startup_value = self.startup_value(&name);
+        match self.working.settings.get(&name) {
+            Some(current) if *current == value => {}
+            Some(_) => self.change(|working| {
+                working.settings.insert(name, value);
+            }),
+            None if startup_value.as_ref() == Some(&value) => {}
+            None => self.change(|working| {
+                working.settings.insert(name, value);
+            }),
+        }
+    }
+
+    /// The value a reported GUC had at login.
+    fn startup_value(&self, name: &[u8]) -> Option<Bytes> {
+        self.startup
+            .template()
+            .startup
+            .iter()
+            .find(|(key, _)| key.eq_ignore_ascii_case(name))
+            .map(|(_, value)| value.clone())
+    }
+
+    /// A named statement was created by protocol Parse.
+    pub fn parsed(&mut self, name: Bytes, query: Bytes, param_types: Vec<u32>) {
+        let statement = PreparedStatement {
+            origin: PreparedOrigin::Protocol,
+            query,
+            param_types,
+        };
+        self.change(|working| {
+            working.prepared.insert(name, statement);
+        });
+    }
+
+    /// A named statement was closed by protocol Close.
+    pub fn closed_statement(&mut self, name: &[u8]) {
+        if self.working.prepared.contains_key(name) {
+            self.prepared_effects.remove(name);
+            self.change(|working| {
+                working.prepared.remove(name);
+            });
+        }
+    }
+
+    /// What EXECUTE of a SQL-prepared statement does.
+    pub fn prepared_effect(&self, name: &[u8]) -> Option<&Effect> {
+        self.prepared_effects.get(name)
+    }
+
+    /// Moves the session to `target` (a template switch that the server
+    /// has carried out).
+    pub fn switch_to(&mut self, target: Template) {
+        self.prepared_effects
+            .retain(|name, _| target.prepared.contains_key(name));
+        self.change(|working| *working = target);
+        self.stats.template_switches.inc();
+    }
+
+    /// Marks the template as unknown: the server did something the
+    /// tracker could not follow.
+    pub fn mark_unknown(&mut self) {
+        self.non_recoverable(NonRecoverable::Unclassified);
+    }
+
+    fn mark_mismatch(&mut self) {
+        self.stats.tracker_mismatches.inc();
+        self.mark_unknown();
+    }
+
+    fn non_recoverable(&mut self, kind: NonRecoverable) {
+        if !self.replay.non_recoverable.contains(kind) {
+            self.before_change();
+            self.replay.non_recoverable.insert(kind);
+            self.hash = None;
+            self.stats.non_recoverable.inc();
+        }
+    }
+
+    fn clear_non_recoverable(&mut self, kind: NonRecoverable) {
+        if self.replay.non_recoverable.contains(kind) {
+            self.before_change();
+            self.replay.non_recoverable.remove(kind);
+            self.hash = None;
+        }
+    }
+
+    /// Takes the snapshots a rollback would need, before the first change
+    /// since the transaction or savepoint began.
+    fn before_change(&mut self) {
+        let Some(tx) = &mut self.tx else {
+            return;
+        };
+        let needs_snapshot = tx.start.is_none()
+            || tx
+                .savepoints
+                .iter()
+                .any(|savepoint| savepoint.state.is_none());
+        if !needs_snapshot {
+            return;
+        }
+        let snapshot = Snapshot {
+            template: self.working.clone(),
+            local_settings: self.replay.local_settings.clone(),
+            non_recoverable: self.replay.non_recoverable,
+            held_cursors: self.held_cursors.clone(),
+        };
+        for savepoint in &mut tx.savepoints {
+            if savepoint.state.is_none() {
+                savepoint.state = Some(snapshot.clone());
+            }
+        }
+        if tx.start.is_none() {
+            tx.start = Some(snapshot);
+        }
+    }
+
+    /// Changes the session-level template.
+    fn change(&mut self, edit: impl FnOnce(&mut Template)) {
+        self.before_change();
+        edit(&mut self.working);
+        self.dirty = true;
+        self.hash = None;
+    }
+
+    fn set_local(&mut self, name: Bytes, value: Bytes) {
+        self.before_change();
+        self.replay.local_settings.insert(name, value);
+        self.hash = None;
+    }
+
+    fn remove_local(&mut self, name: &[u8]) {
+        if self.replay.local_settings.contains_key(name) {
+            self.before_change();
+            self.replay.local_settings.remove(name);
+            self.hash = None;
+        }
+    }
+
+    /// Ends the open transaction: commit or rollback.
+    fn end_transaction(&mut self, commit: bool) {
+        let Some(tx) = self.tx.take() else {
+            return;
+        };
+        if commit {
+            for change in tx.pending_listen {
+                self.apply_listen(change);
+            }
+        } else if let Some(start) = tx.start {
+            self.restore(start);
+        }
+        if !self.replay.local_settings.is_empty() {
+            self.replay.local_settings.clear();
+            self.hash = None;
+        }
+        self.replay
+            .non_recoverable
+            .remove(NonRecoverable::SnapshotImport);
+        if !self.replay.savepoints.is_empty()
+            || self.replay.isolation.is_some()
+            || self.replay.read_only.is_some()
+            || self.replay.deferrable.is_some()
+        {
+            self.replay.savepoints.clear();
+            self.replay.isolation = None;
+            self.replay.read_only = None;
+            self.replay.deferrable = None;
+            self.hash = None;
+        }
+    }
+
+    /// Goes back to a snapshot; prepared statements are not
+    /// transactional, so they stay as they are.
+    fn restore(&mut self, snapshot: Snapshot) {
+        let prepared = std::mem::take(&mut self.working.prepared);
+        self.working = snapshot.template;
+        self.working.prepared = prepared;
+        self.dirty = true;
+        self.replay.local_settings = snapshot.local_settings;
+        for kind in TRANSACTIONAL {
+            if snapshot.non_recoverable.contains(kind) {
+                self.replay.non_recoverable.insert(kind);
+            } else {
+                self.replay.non_recoverable.remove(kind);
+            }
+        }
+        self.held_cursors = snapshot.held_cursors;
+        self.hash = None;
+    }
+
+    fn apply_listen(&mut self, change: ListenChange) {
+        match change {
+            ListenChange::Listen(channel) => {
+                if !self.working.listening.contains(&channel) {
+                    self.change(|working| {
+                        working.listening.insert(channel);
+                    })
+                }
+            }
+            ListenChange::Unlisten(channel) => {
+                if self.working.listening.contains(&channel) {
+                    self.change(|working| {
+                        working.listening.remove(&channel);
+                    })
+                }
+            }
+            ListenChange::UnlistenAll => {
+                if !self.working.listening.is_empty() {
+                    self.change(|working| working.listening.clear())
+                }
+            }
+        }
+    }
+
+    fn queue_listen(&mut self, change: ListenChange) {
+        match &mut self.tx {
+            Some(tx) => tx.pending_listen.push(change),
+            None => self.apply_listen(change),
+        }
+    }
+
+    fn apply(&mut self, effect: &Effect) {
+        match effect {
+            Effect::None | Effect::Reprise(_) => {}
+            Effect::Set { name, value, local } => self.set(name, value.clone(), *local),
+            Effect::Reset { name, local: true } => {
+                self.set_local(name.clone(), Bytes::from_static(LOCAL_DEFAULT))
+            }
+            Effect::Reset { name, local: false } => {
+                self.remove_local(name);
+                if self.working.settings.contains_key(name) {
+                    self.change(|working| {
+                        working.settings.remove(name);
+                    });
+                }
+            }
+            Effect::ResetAll => {
+                let locals: Vec<Bytes> = self
+                    .replay
+                    .local_settings
+                    .keys()
+                    .filter(|name| !is_identity_key(name))
+                    .cloned()
+                    .collect();
+                for name in locals {
+                    self.remove_local(&name);
+                }
+                if !self.working.settings.is_empty() {
+                    self.change(|working| working.settings.clear());
+                }
+            }
+            Effect::Role { role, local: true } => self.set_local(
+                Bytes::from_static(LOCAL_ROLE),
+                role.clone().unwrap_or_else(|| Bytes::from_static(b"none")),
+            ),
+            Effect::Role { role, local: false } => {
+                self.remove_local(LOCAL_ROLE);
+                if self.working.role != *role {
+                    self.change(|working| working.role = role.clone());
+                }
+            }
+            Effect::SessionAuthorization { user, local: true } => {
+                self.set_local(
+                    Bytes::from_static(LOCAL_AUTHORIZATION),
+                    user.clone()
+                        .unwrap_or_else(|| Bytes::from_static(LOCAL_DEFAULT)),
+                );
+                self.set_local(Bytes::from_static(LOCAL_ROLE), Bytes::from_static(b"none"));
+            }
+            Effect::SessionAuthorization { user, local: false } => {
+                self.remove_local(LOCAL_AUTHORIZATION);
+                self.remove_local(LOCAL_ROLE);
+                // Setting the session user also drops the role.
+                let user = match user {
+                    Some(user) if self.working.startup.get(&b"user"[..]) == Some(user) => None,
+                    other => other.clone(),
+                };
+                if self.working.session_authorization != user || self.working.role.is_some() {
+                    self.change(|working| {
+                        working.session_authorization = user;
+                        working.role = None;
+                    });
+                }
+            }
+            Effect::TransactionModes(modes) => {
+                if self.tx.as_ref().is_some_and(|tx| tx.explicit) {
+                    self.transaction_modes(*modes);
+                }
+            }
+            Effect::Begin(modes) => {
+                let tx = self.tx.get_or_insert_with(|| Transaction::new(true));
+                if !tx.explicit {
+                    // BEGIN inside an implicit block takes over the
+                    // statements before it.
+                    tx.explicit = true;
+                    self.transaction_modes(*modes);
+                }
+            }
+            Effect::Commit { chain } => self.finish(true, *chain),
+            Effect::Rollback { chain } => self.finish(false, *chain),
+            Effect::PrepareTransaction => self.finish(true, false),
+            Effect::Savepoint(name) => {
+                if let Some(tx) = &mut self.tx {
+                    tx.savepoints.push(Savepoint {
+                        name: name.clone(),
+                        state: None,
+                        pending_listen: tx.pending_listen.len(),
+                    });
+                    self.replay.savepoints.push(name.clone());
+                    self.hash = None;
+                }
+            }
+            Effect::Release(name) => {
+                if let Some(tx) = &mut self.tx {
+                    if let Some(at) = tx.savepoints.iter().rposition(|s| s.name == *name) {
+                        tx.savepoints.truncate(at);
+                        self.replay.savepoints.truncate(at);
+                        self.hash = None;
+                    }
+                }
+            }
+            Effect::RollbackTo(name) => self.rollback_to(name),
+            Effect::Prepare {
+                name,
+                statement,
+                body,
+            } => {
+                self.prepared_effects.insert(name.clone(), (**body).clone());
+                // Re-created from the whole statement text, as sent.
+                let prepared = PreparedStatement {
+                    origin: PreparedOrigin::Sql,
+                    query: statement.clone(),
+                    param_types: Vec::new(),
+                };
+                self.change(|working| {
+                    working.prepared.insert(name.clone(), prepared);
+                });
+            }
+            Effect::Deallocate(Some(name)) => self.closed_statement(name),
+            Effect::Deallocate(None) => {
+                self.prepared_effects.clear();
+                if !self.working.prepared.is_empty() {
+                    self.change(|working| working.prepared.clear());
+                }
+            }
+            Effect::Execute(name) => match self.prepared_effects.get(name).cloned() {
+                Some(Effect::None) => {}
+                Some(Effect::Execute(_)) | None => self.mark_unknown(),
+                Some(effect) => self.apply(&effect),
+            },
+            Effect::Listen(channel) => self.queue_listen(ListenChange::Listen(channel.clone())),
+            Effect::Unlisten(Some(channel)) => {
+                self.queue_listen(ListenChange::Unlisten(channel.clone()))
+            }
+            Effect::Unlisten(None) => self.queue_listen(ListenChange::UnlistenAll),
+            Effect::Discard(Discard::All) => self.discard_all(),
+            Effect::Discard(Discard::Temp) => {
+                self.clear_non_recoverable(NonRecoverable::TempObjects)
+            }
+            Effect::Discard(Discard::Plans | Discard::Sequences) => {}
+            Effect::DeclareHold(name) => {
+                self.before_change();
+                self.held_cursors.insert(name.clone());
+                self.non_recoverable(NonRecoverable::HoldCursors);
+            }
+            Effect::Close(name) => {
+                match name {
+                    Some(name) => {
+                        self.held_cursors.remove(name);
+                    }
+                    None => self.held_cursors.clear(),
+                }
+                if self.held_cursors.is_empty() {
+                    self.clear_non_recoverable(NonRecoverable::HoldCursors);
+                }
+            }
+            Effect::NonRecoverable(kind) => self.non_recoverable(*kind),
+            Effect::AdvisoryUnlockAll => self.clear_non_recoverable(NonRecoverable::AdvisoryLocks),
+            Effect::Credential => {
+                self.unreplayable = true;
+                self.stats.credential_statements.inc();
+            }
+            Effect::Several(effects) => {
+                for effect in effects {
+                    self.apply(effect);
+                }
+            }
+            Effect::Unknown => self.mark_unknown(),
+        }
+    }
+
+    fn set(&mut self, name: &Bytes, value: Bytes, local: bool) {
+        if local {
+            self.set_local(name.clone(), value);
+            return;
+        }
+        self.remove_local(name);
+        if self.working.settings.get(name) != Some(&value) {
+            self.change(|working| {
+                working.settings.insert(name.clone(), value);
+            });
+        }
+    }
+
+    fn transaction_modes(&mut self, modes: TransactionModes) {
+        let replay = &mut self.replay;
+        if modes.isolation.is_some() {
+            replay.isolation = modes.isolation;
+        }
+        if modes.read_only.is_some() {
+            replay.read_only = modes.read_only;
+        }
+        if modes.deferrable.is_some() {
+            replay.deferrable = modes.deferrable;
+        }
+        self.hash = None;
+    }
+
+    /// COMMIT / ROLLBACK, with AND CHAIN starting the next transaction
+    /// with the same characteristics.
+    fn finish(&mut self, commit: bool, chain: bool) {
+        let failed = self.tx.as_ref().is_some_and(|tx| tx.failed);
+        let modes = TransactionModes {
+            isolation: self.replay.isolation,
+            read_only: self.replay.read_only,
+            deferrable: self.replay.deferrable,
+        };
+        self.end_transaction(commit && !failed);
+        if chain {
+            self.tx = Some(Transaction::new(true));
+            self.transaction_modes(modes);
+        }
+    }
+
+    fn rollback_to(&mut self, name: &[u8]) {
+        let Some(tx) = &mut self.tx else {
+            return;
+        };
+        let Some(at) = tx.savepoints.iter().rposition(|s| s.name == name) else {
+            return;
+        };
+        tx.failed = false;
+        tx.savepoints.truncate(at + 1);
+        self.replay.savepoints.truncate(at + 1);
+        let savepoint = &mut tx.savepoints[at];
+        tx.pending_listen.truncate(savepoint.pending_listen);
+        // The savepoint stays, so its snapshot is needed again.
+        if let Some(state) = savepoint.state.clone() {
+            self.restore(state);
+        }
+        self.hash = None;
+    }
+
+    /// DISCARD ALL: back to the startup template, nothing held.
+    fn discard_all(&mut self) {
+        let startup = self.startup.template().as_ref().clone();
+        self.prepared_effects.clear();
+        self.held_cursors.clear();
+        for kind in [
+            NonRecoverable::TempObjects,
+            NonRecoverable::HoldCursors,
+            NonRecoverable::AdvisoryLocks,
+        ] {
+            self.clear_non_recoverable(kind);
+        }
+        if self.replay.local_settings.is_empty() && self.working == startup {
+            return;
+        }
+        self.replay.local_settings.clear();
+        self.change(|working| *working = startup);
+    }
+}
+
+/// Local-setting keys that hold identity, which RESET ALL leaves alone.
+fn is_identity_key(name: &[u8]) -> bool {
+    name == LOCAL_ROLE || name == LOCAL_AUTHORIZATION
+}
+
+fn lex_options(reported: &HashMap<Bytes, Bytes>) -> LexOptions {
+    let scs = reported
+        .get(&b"standard_conforming_strings"[..])
+        .is_none_or(|value| value.eq_ignore_ascii_case(b"on"));
+    let encoding = reported
+        .get(&b"client_encoding"[..])
+        .map(|value| String::from_utf8_lossy(value).into_owned())
+        .unwrap_or_default();
+    LexOptions::for_session(scs, &encoding)
+}
+
+impl Transaction {
+    fn new(explicit: bool) -> Self {
+        Transaction {
+            explicit,
+            failed: false,
+            start: None,
+            pending_listen: Vec::new(),
+            savepoints: Vec::new(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Tracker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tracker")
+            .field("template", &self.template.id())
+            .field("replay", &self.replay)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tracker() -> Tracker {
+        Tracker::new(
+            Arc::new(Registry::new()),
+            Arc::new(Stats::default()),
+            [(&b"user"[..], &b"app"[..]), (b"database", b"db")],
+            [
+                (&b"DateStyle"[..], &b"ISO, MDY"[..]),
+                (b"client_encoding", b"UTF8"),
+            ],
+        )
+    }
+
+    /// Runs a simple query whose statements all succeed.
+    fn run(tracker: &mut Tracker, sql: &str, status: u8) {
+        for effect in tracker.query_effects(sql.as_bytes()) {
+            tracker.statement_done(&effect);
+        }
+        tracker.ready(status);
+    }
+
+    fn setting(tracker: &Tracker, name: &str) -> Option<String> {
+        tracker
+            .template()
+            .settings
+            .get(name.as_bytes())
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    }
+
+    #[test]
+    fn session_settings_persist_and_rollback_undoes_them() {
+        let mut t = tracker();
+        run(&mut t, "SET work_mem = '8MB'", b'I');
+        assert_eq!(setting(&t, "work_mem").as_deref(), Some("8MB"));
+        run(&mut t, "BEGIN; SET work_mem = '16MB'", b'T');
+        assert_eq!(setting(&t, "work_mem").as_deref(), Some("16MB"));
+        run(&mut t, "ROLLBACK", b'I');
+        assert_eq!(setting(&t, "work_mem").as_deref(), Some("8MB"));
+        let ready = t.ready(b'I');
+        assert!(ready.safe);
+    }
+
+    #[test]
+    fn an_error_in_an_implicit_block_undoes_the_whole_string() {
+        let mut t = tracker();
+        let effects = t.query_effects(b"SET a.x = 1; SELECT 1/0");
+        t.statement_done(&effects[0]);
+        t.statement_failed();
+        t.ready(b'I');
+        assert_eq!(setting(&t, "a.x"), None);
+    }
+
+    #[test]
+    fn set_local_ends_with_the_transaction() {
+        let mut t = tracker();
+        run(&mut t, "BEGIN; SET LOCAL a.x = 1", b'T');
+        assert!(!t.ready(b'T').safe);
+        run(&mut t, "COMMIT", b'I');
+        assert!(t.replay_state().local_settings.is_empty());
+        assert!(t.ready(b'I').safe);
+    }
+
+    #[test]
+    fn savepoints_restore_their_state() {
+        let mut t = tracker();
+        run(
+            &mut t,
+            "BEGIN; SET a.x = 1; SAVEPOINT s; SET a.x = 2; LISTEN c",
+            b'T',
+        );
+        run(&mut t, "ROLLBACK TO s", b'T');
+        assert_eq!(setting(&t, "a.x").as_deref(), Some("1"));
+        run(&mut t, "COMMIT", b'I');
+        assert_eq!(setting(&t, "a.x").as_deref(), Some("1"));
+        assert!(t.template().listening.is_empty());
+    }
+
+    #[test]
+    fn listen_applies_at_commit_and_prepared_survive_rollback() {
+        let mut t = tracker();
+        run(&mut t, "BEGIN; LISTEN a; PREPARE p AS SELECT 1", b'T');
+        assert!(t.template().listening.is_empty());
+        run(&mut t, "ROLLBACK", b'I');
+        assert!(t.template().listening.is_empty());
+        assert!(t.prepared_effect(b"p").is_some());
+        run(&mut t, "LISTEN a", b'I');
+        assert!(t.template().listening.contains(&b"a"[..]));
+    }
+
+    #[test]
+    fn parameter_status_canonicalizes_and_equal_states_share_a_template() {
+        let mut a = tracker();
+        run(&mut a, "SET DateStyle = german", b'I');
+        a.parameter_status(b"DateStyle", b"German, DMY");
+        assert_eq!(setting(&a, "datestyle").as_deref(), Some("German, DMY"));
+        let mut b = tracker();
+        run(&mut b, "SET datestyle = 'German, DMY'", b'I');
+        assert_eq!(a.template_id(), b.template_id());
+        assert_eq!(a.state_hash(), b.state_hash());
+    }
+
+    #[test]
+    fn non_recoverable_state_blocks_safe_points_until_cleared() {
+        let mut t = tracker();
+        run(&mut t, "CREATE TEMP TABLE t (a int)", b'I');
+        assert!(!t.ready(b'I').safe);
+        run(&mut t, "DISCARD TEMP", b'I');
+        assert!(t.ready(b'I').safe);
+        run(&mut t, "SELECT pg_advisory_lock(1)", b'I');
+        assert!(!t.ready(b'I').safe);
+        run(&mut t, "DISCARD ALL", b'I');
+        assert!(t.ready(b'I').safe);
+        run(&mut t, "DO $$ BEGIN END $$", b'I');
+        assert!(!t.ready(b'I').safe);
+    }
+
+    #[test]
+    fn session_authorization_drops_the_role() {
+        let mut t = tracker();
+        run(&mut t, "SET ROLE r", b'I');
+        assert_eq!(t.template().role.as_deref(), Some(&b"r"[..]));
+        run(&mut t, "SET SESSION AUTHORIZATION other", b'I');
+        assert_eq!(t.template().role, None);
+        assert_eq!(
+            t.template().session_authorization.as_deref(),
+            Some(&b"other"[..])
+        );
+        run(&mut t, "RESET SESSION AUTHORIZATION", b'I');
+        assert_eq!(t.template(), t.startup_template().as_ref());
+    }
+}

@@ -1,0 +1,64 @@
+//! Reprise's counters, shown by `SHOW reprise.stats`: one row per counter.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A monotonic counter; relaxed, since each is read on its own.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    #[inline]
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+macro_rules! counters {
+    ($($(#[doc = $doc:literal])* $name:ident,)*) => {
+        /// Counters shared by every session.
+        #[derive(Debug, Default)]
+        pub struct Stats {
+            $($(#[doc = $doc])* pub $name: Counter,)*
+        }
+
+        impl Stats {
+            /// Every counter by name, in declaration order.
+            pub fn rows(&self) -> Vec<(&'static str, u64)> {
+                vec![$((stringify!($name), self.$name.get()),)*]
+            }
+        }
+    };
+}
+
+counters! {
+    /// Sessions whose state was tracked.
+    sessions_tracked,
+    /// Statements the first stage found cannot change tracked state.
+    statements_ordinary,
+    /// Statements that went to the second stage.
+    statements_candidate,
+    /// Statements that could not be classified; each makes its session
+    /// non-recoverable until its state is known again.
+    statements_unclassified,
+    /// Times a session took on state no template can hold.
+    non_recoverable,
+    /// Times the server's transaction status contradicted the tracker.
+    tracker_mismatches,
+    /// Statements carrying a credential (never journaled).
+    credential_statements,
+    /// Request boundaries: ReadyForQuery with nothing in flight.
+    boundaries,
+    /// Safe points: boundaries where the template alone is the state.
+    safe_points,
+    /// Sessions moved into another template (`SET reprise.template`,
+    /// `RESET reprise.template`).
+    template_switches,
+    /// Template switches the server refused.
+    template_switch_failures,
+    /// Statements about Reprise itself answered by Reprise.
+    reprise_statements,
+}
