@@ -177,6 +177,9 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// `"user" "password"` lines, as PgBouncer's auth_file.
     pub users_file: Option<PathBuf>,
+    /// Named session templates, one `<name>.toml` per template (see
+    /// templates/README.md); none when unset.
+    pub templates_dir: Option<PathBuf>,
     pub log_format: LogFormat,
     /// A tracing filter directive, such as `info` or `reprise=debug`.
     pub log_level: String,
@@ -189,6 +192,10 @@ pub struct Config {
     /// Soft limit for open files to ask for at start (capped by the hard
     /// limit); each session holds two sockets.
     pub max_open_files: u64,
+    /// Track every session's state (templates, safe points, `SET
+    /// reprise.template`); off makes Reprise a plain relay. Applies to
+    /// sessions that start after a reload.
+    pub session_tracking: bool,
     #[serde(rename = "backend")]
     pub backends: Vec<Backend>,
 }
@@ -200,6 +207,7 @@ impl Default for Config {
             unix_socket_dir: None,
             data_dir: PathBuf::from("./reprise-data"),
             users_file: None,
+            templates_dir: None,
             log_format: LogFormat::Text,
             log_level: "info".to_owned(),
             max_client_conn: 10_000,
@@ -208,6 +216,7 @@ impl Default for Config {
             max_message_size: HumanSize(256 * 1024 * 1024),
             tcp_keepalive: Keepalive::default(),
             max_open_files: 65_536,
+            session_tracking: true,
             backends: Vec::new(),
         }
     }
@@ -220,6 +229,7 @@ pub struct Overrides {
     pub backends: Vec<Backend>,
     pub data_dir: Option<PathBuf>,
     pub users_file: Option<PathBuf>,
+    pub templates_dir: Option<PathBuf>,
     pub log_format: Option<LogFormat>,
 }
 
@@ -266,6 +276,9 @@ impl Config {
         }
         if let Some(file) = &overrides.users_file {
             self.users_file = Some(file.clone());
+        }
+        if let Some(dir) = &overrides.templates_dir {
+            self.templates_dir = Some(dir.clone());
         }
         if let Some(format) = overrides.log_format {
             self.log_format = format;
@@ -351,6 +364,16 @@ impl Config {
         if self.data_dir.as_os_str().is_empty() {
             return Err(ConfigError::invalid("data_dir", "must not be empty"));
         }
+        if self
+            .templates_dir
+            .as_ref()
+            .is_some_and(|dir| dir.as_os_str().is_empty())
+        {
+            return Err(ConfigError::invalid(
+                "templates_dir",
+                "must not be empty; leave the key out for no templates",
+            ));
+        }
         if let Err(err) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
             return Err(ConfigError::invalid(
                 "log_level",
@@ -411,6 +434,25 @@ mod tests {
         assert_eq!(config.listen, "127.0.0.1:6432".parse().expect("addr"));
         assert_eq!(config.data_dir, PathBuf::from("./reprise-data"));
         assert_eq!(config.backends[0].port, 5432);
+        assert_eq!(config.templates_dir, None);
+    }
+
+    #[test]
+    fn templates_dir() {
+        let backend = "[[backend]]\nname = \"a\"\nhost = \"h\"\n";
+        let config = parse(&format!("templates_dir = \"templates\"\n{backend}")).expect("valid");
+        assert_eq!(config.templates_dir, Some(PathBuf::from("templates")));
+        let empty = parse(&format!("templates_dir = \"\"\n{backend}")).expect_err("empty");
+        assert!(empty.contains("templates_dir"), "{empty}");
+        let mut config = config;
+        config.apply(&Overrides {
+            templates_dir: Some(PathBuf::from("/etc/reprise/templates")),
+            ..Overrides::default()
+        });
+        assert_eq!(
+            config.templates_dir,
+            Some(PathBuf::from("/etc/reprise/templates"))
+        );
     }
 
     #[test]

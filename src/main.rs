@@ -55,6 +55,9 @@ struct ServeArgs {
     /// Overrides `users_file`.
     #[arg(long)]
     users_file: Option<PathBuf>,
+    /// Overrides `templates_dir`.
+    #[arg(long)]
+    templates_dir: Option<PathBuf>,
     /// Overrides `log_format`.
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
@@ -124,6 +127,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         backends: args.backends,
         data_dir: args.data_dir,
         users_file: args.users_file,
+        templates_dir: args.templates_dir,
         log_format: args.log_format,
     };
     let config = Config::load(args.config.as_deref(), &overrides)

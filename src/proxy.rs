@@ -13,6 +13,8 @@ use crate::datadir::{DataDirError, DataDirLock};
 use crate::frontend::listener::Listener;
 use crate::session::cancel::CancelRegistry;
 use crate::session::control::{Order, Sessions};
+use crate::stats::Stats;
+use crate::template::{load_named_templates, NamedTemplateError, NamedTemplates, Registry};
 use crate::users::{Users, UsersFileError};
 
 #[derive(Debug, thiserror::Error)]
@@ -21,6 +23,8 @@ pub enum ProxyError {
     DataDir(#[from] DataDirError),
     #[error(transparent)]
     Users(#[from] UsersFileError),
+    #[error(transparent)]
+    Templates(#[from] NamedTemplateError),
     #[error("cannot listen on {address}: {source}")]
     Listen {
         address: String,
@@ -34,6 +38,10 @@ pub enum ProxyError {
 pub struct Shared {
     config: RwLock<Arc<Config>>,
     users: RwLock<Arc<Users>>,
+    templates: RwLock<NamedTemplates>,
+    /// Session templates of all sessions, one copy each.
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) stats: Arc<Stats>,
     pub(crate) cancel: Arc<CancelRegistry>,
     /// Sessions past their startup packet (counted against max_client_conn).
     pub(crate) clients: AtomicUsize,
@@ -56,6 +64,14 @@ impl Shared {
         match self.users.read() {
             Ok(users) => Arc::clone(&users),
             Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    /// The named templates of `templates_dir`, as last (re)loaded.
+    pub fn named_templates(&self) -> NamedTemplates {
+        match self.templates.read() {
+            Ok(templates) => templates.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
         }
     }
 
@@ -86,6 +102,7 @@ impl Proxy {
     pub async fn bind(config: Config) -> Result<Proxy, ProxyError> {
         let lock = DataDirLock::acquire(&config.data_dir)?;
         let users = load_users(&config)?;
+        let templates = load_named_templates(&config)?;
         raise_open_file_limit(config.max_open_files, config.max_client_conn);
 
         let tcp = Listener::bind_tcp(config.listen)
@@ -114,6 +131,9 @@ impl Proxy {
         let shared = Arc::new(Shared {
             config: RwLock::new(Arc::new(config)),
             users: RwLock::new(Arc::new(users)),
+            templates: RwLock::new(templates),
+            registry: Arc::new(Registry::new()),
+            stats: Arc::new(Stats::default()),
             cancel: Arc::new(CancelRegistry::default()),
             clients: AtomicUsize::new(0),
             draining: CancellationToken::new(),
@@ -204,10 +224,12 @@ impl ProxyHandle {
     }
 
     /// Applies a new configuration to sessions that start from now on and
-    /// re-reads the users file. Returns the keys whose change needs a
-    /// restart (they keep their old values). On error nothing changes.
-    pub fn reload(&self, new: Config) -> Result<Vec<&'static str>, UsersFileError> {
+    /// re-reads the users file and the named templates. Returns the keys
+    /// whose change needs a restart (they keep their old values). On error
+    /// nothing changes.
+    pub fn reload(&self, new: Config) -> Result<Vec<&'static str>, ProxyError> {
         let users = load_users(&new)?;
+        let templates = load_named_templates(&new)?;
         let current = self.shared.config();
         let restart_only = current.restart_only_changes(&new);
         let mut applied = new;
@@ -221,6 +243,9 @@ impl ProxyHandle {
         }
         if let Ok(mut slot) = self.shared.users.write() {
             *slot = Arc::new(users);
+        }
+        if let Ok(mut slot) = self.shared.templates.write() {
+            *slot = templates;
         }
         Ok(restart_only)
     }

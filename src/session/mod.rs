@@ -1,24 +1,27 @@
 //! One client session: log in to a server on the client's behalf, then
 //! relay until either side ends.
 //!
-//! The session task owns both sockets (see [`relay`]). It reads only what
-//! it must: the tag and shape of every client frame, and ReadyForQuery,
-//! ParameterStatus and ErrorResponse from the server. Everything is
-//! forwarded as the bytes that arrived, in batches.
+//! The session task owns both sockets (see [`relay`]). It checks the shape
+//! of every client frame and hands each frame of either side to the
+//! [`flow`], which tracks the session's state. Everything is forwarded as
+//! the bytes that arrived, in batches; only Reprise's own statements are
+//! answered here.
 
 pub mod cancel;
 pub mod control;
+pub mod flow;
 pub mod relay;
 
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::backend::{self, ConnectError, ServerConnection};
 use crate::proxy::Shared;
+use crate::state::Tracker;
 use crate::wire::backend as server_msg;
 use crate::wire::frame::{self, Next};
 use crate::wire::frontend::{self, FrontendKind};
@@ -26,33 +29,11 @@ use crate::wire::reply::{self, sqlstate};
 use crate::wire::startup::StartupMessage;
 use cancel::{CancelHandle, CancelTarget, ClientKey};
 use control::{ControlHandle, Order};
+use flow::{ClientStep, Flow, ServerStep};
 use relay::{Event, Relay};
 
 /// How long a goodbye (a last error, a Terminate) may take to write.
 const GOODBYE_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Where the session is between requests, from the proxy's point of view.
-#[derive(Debug, Default)]
-struct Progress {
-    /// Requests sent that the server has not yet answered with
-    /// ReadyForQuery (Query, Sync and FunctionCall each get exactly one).
-    awaiting_ready: u32,
-    /// Extended-query messages sent since the last Sync.
-    unsynced: bool,
-    /// Transaction status of the last ReadyForQuery.
-    status: u8,
-}
-
-impl Progress {
-    /// A request boundary: nothing in flight, nothing half-sent.
-    fn at_boundary(&self) -> bool {
-        self.awaiting_ready == 0 && !self.unsynced
-    }
-
-    fn idle(&self) -> bool {
-        self.at_boundary() && self.status == b'I'
-    }
-}
 
 /// What woke the session.
 enum Step {
@@ -130,7 +111,7 @@ where
             secret_key: server.secret_key,
         },
     );
-    Session::new(client, server, registration, shared)
+    Session::new(client, &startup, server, registration, shared)
         .run()
         .await;
 }
@@ -147,7 +128,7 @@ async fn goodbye<C: AsyncWrite + Unpin>(client: &mut C, message: BytesMut) {
 struct Session<C> {
     relay: Relay<C, tokio::net::TcpStream>,
     max_message_size: usize,
-    progress: Progress,
+    flow: Flow,
     /// The server sent a FATAL error: its connection is about to end and
     /// the client already knows why.
     server_said_fatal: bool,
@@ -161,7 +142,13 @@ impl<C> Session<C>
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
-    fn new(client: C, server: ServerConnection, cancel: CancelHandle, shared: Arc<Shared>) -> Self {
+    fn new(
+        client: C,
+        startup: &StartupMessage,
+        server: ServerConnection,
+        cancel: CancelHandle,
+        shared: Arc<Shared>,
+    ) -> Self {
         let mut greeting = BytesMut::new();
         reply::authentication_ok(&mut greeting);
         greeting.extend_from_slice(&server.greeting);
@@ -169,17 +156,30 @@ where
         reply::backend_key_data(&mut greeting, key.process_id, key.secret_key);
         greeting.extend_from_slice(&server.ready);
         let status = server_msg::ready_status(&server.ready).unwrap_or(b'I');
+        let config = shared.config();
+        let tracker = Tracker::new(
+            Arc::clone(&shared.registry),
+            Arc::clone(&shared.stats),
+            startup
+                .parameters
+                .iter()
+                .map(|(name, value)| (&name[..], &value[..])),
+            greeting_parameters(&server.greeting),
+        );
+        let flow = Flow::new(
+            tracker,
+            Arc::clone(&shared),
+            config.session_tracking,
+            status,
+        );
 
         let mut relay = Relay::new(client, server.stream, server.pending);
         relay.to_client.push(greeting.freeze());
-        let max_message_size = shared.config().max_message_size();
+        let max_message_size = config.max_message_size();
         Session {
             relay,
             max_message_size,
-            progress: Progress {
-                status,
-                ..Progress::default()
-            },
+            flow,
             server_said_fatal: false,
             backend_name: server.backend.name,
             draining: false,
@@ -211,7 +211,7 @@ where
                 }
                 Step::Drain => {
                     self.draining = true;
-                    if self.progress.idle() {
+                    if self.flow.idle() {
                         ending = Some(Ending::Shutdown);
                     }
                     continue;
@@ -233,30 +233,19 @@ where
         }
     }
 
-    /// Frames what the client sent, checks each frame and queues the whole
-    /// ones for the server in one chunk.
+    /// Frames what the client sent, checks each frame and hands it to the
+    /// flow; runs of forwarded frames go to the server as the bytes they
+    /// arrived in.
     fn on_client_data(&mut self) -> Result<(), Ending> {
-        let buf = &self.relay.from_client;
-        let mut whole = 0;
+        // Bytes of `from_client` before `run_end` are checked frames to
+        // forward.
+        let mut run_end = 0;
         let mut violation = None;
         loop {
-            match frame::next(&buf[whole..], self.max_message_size) {
-                Ok(Next::Frame { len, .. }) => match frontend::check(&buf[whole..whole + len]) {
-                    Ok(kind) => {
-                        whole += len;
-                        if kind.ends_request() {
-                            self.progress.awaiting_ready += 1;
-                        }
-                        match kind {
-                            FrontendKind::Sync => self.progress.unsynced = false,
-                            FrontendKind::Terminate => {
-                                self.relay.client_done = true;
-                                break;
-                            }
-                            kind if kind.is_extended() => self.progress.unsynced = true,
-                            _ => {}
-                        }
-                    }
+            let buf = &self.relay.from_client[run_end..];
+            let (kind, len) = match frame::next(buf, self.max_message_size) {
+                Ok(Next::Frame { len, .. }) => match frontend::check(&buf[..len]) {
+                    Ok(kind) => (kind, len),
                     Err(err) => {
                         violation = Some(err.to_string());
                         break;
@@ -267,12 +256,30 @@ where
                     violation = Some(err.to_string());
                     break;
                 }
+            };
+            let step = self.flow.client_frame(kind, &buf[..len]);
+            match step {
+                ClientStep::Forward => run_end += len,
+                ClientStep::Drop => {
+                    self.forward_client_run(run_end);
+                    self.relay.from_client.advance(len);
+                    run_end = 0;
+                }
+                ClientStep::Hold => {
+                    self.relay.hold_client = true;
+                    break;
+                }
+            }
+            if !self.flow.to_server.is_empty() || !self.flow.to_client.is_empty() {
+                self.forward_client_run(run_end);
+                run_end = 0;
+            }
+            if kind == FrontendKind::Terminate {
+                self.relay.client_done = true;
+                break;
             }
         }
-        if whole > 0 {
-            let chunk = self.relay.from_client.split_to(whole).freeze();
-            self.relay.to_server.push(chunk);
-        }
+        self.forward_client_run(run_end);
         match violation {
             Some(message) => Err(Ending::ClientViolation(message)),
             None if self.relay.client_done => Err(Ending::ClientTerminated),
@@ -280,55 +287,90 @@ where
         }
     }
 
-    /// Frames what the server sent, notes the few messages that matter and
-    /// queues the whole frames for the client in one chunk.
+    /// Sends the first `len` bytes of the client inbox to the server, then
+    /// whatever the flow queued for either side after them.
+    fn forward_client_run(&mut self, len: usize) {
+        if len > 0 {
+            let chunk = self.relay.from_client.split_to(len).freeze();
+            self.relay.to_server.push(chunk);
+        }
+        self.push_flow_output();
+    }
+
+    fn push_flow_output(&mut self) {
+        if !self.flow.to_server.is_empty() {
+            let chunk = self.flow.to_server.split().freeze();
+            self.relay.to_server.push(chunk);
+        }
+        if !self.flow.to_client.is_empty() {
+            let chunk = self.flow.to_client.split().freeze();
+            self.relay.to_client.push(chunk);
+        }
+    }
+
+    /// Frames what the server sent, hands each frame to the flow and
+    /// queues runs of forwarded frames for the client in one chunk each.
     fn on_server_data(&mut self) -> Result<(), Ending> {
-        let buf = &self.relay.from_server;
-        let mut whole = 0;
+        let mut run_end = 0;
         let mut violation = None;
         loop {
-            match frame::next(&buf[whole..], self.max_message_size) {
-                Ok(Next::Frame { tag, len }) => {
-                    let message = &buf[whole..whole + len];
-                    match tag {
-                        b'Z' => {
-                            self.progress.awaiting_ready =
-                                self.progress.awaiting_ready.saturating_sub(1);
-                            self.progress.status =
-                                server_msg::ready_status(message).unwrap_or(b'I');
-                        }
-                        b'E' if server_msg::error_summary(message).is_fatal() => {
-                            self.server_said_fatal = true;
-                        }
-                        tag if !server_msg::is_known_tag(tag) => {
-                            violation = Some(format!(
-                                "server sent an unknown message type {:?}",
-                                char::from(tag)
-                            ));
-                            break;
-                        }
-                        _ => {}
-                    }
-                    whole += len;
-                }
+            let buf = &self.relay.from_server[run_end..];
+            let (tag, len) = match frame::next(buf, self.max_message_size) {
+                Ok(Next::Frame { tag, len }) => (tag, len),
                 Ok(Next::Incomplete { .. }) => break,
                 Err(err) => {
                     violation = Some(format!("server sent a message Reprise cannot relay: {err}"));
                     break;
                 }
+            };
+            if !server_msg::is_known_tag(tag) {
+                violation = Some(format!(
+                    "server sent an unknown message type {:?}",
+                    char::from(tag)
+                ));
+                break;
+            }
+            let message = &buf[..len];
+            if tag == b'E' && server_msg::error_summary(message).is_fatal() {
+                self.server_said_fatal = true;
+            }
+            match self.flow.server_frame(tag, message) {
+                ServerStep::Forward => run_end += len,
+                ServerStep::Consume => {
+                    self.forward_server_run(run_end);
+                    self.relay.from_server.advance(len);
+                    run_end = 0;
+                }
+            }
+            if !self.flow.to_client.is_empty() || !self.flow.to_server.is_empty() {
+                self.forward_server_run(run_end);
+                run_end = 0;
             }
         }
-        if whole > 0 {
-            let chunk = self.relay.from_server.split_to(whole).freeze();
-            self.relay.to_client.push(chunk);
+        self.forward_server_run(run_end);
+        for event in self.flow.events.drain(..) {
+            tracing::trace!(?event, "session state");
         }
         if let Some(message) = violation {
             return Err(Ending::ServerViolation(message));
         }
-        if self.draining && self.progress.idle() {
+        if self.relay.hold_client && self.flow.at_boundary() {
+            // What was held waited for nothing to be in flight.
+            self.relay.hold_client = false;
+            self.on_client_data()?;
+        }
+        if self.draining && self.flow.idle() {
             return Err(Ending::Shutdown);
         }
         Ok(())
+    }
+
+    fn forward_server_run(&mut self, len: usize) {
+        if len > 0 {
+            let chunk = self.relay.from_server.split_to(len).freeze();
+            self.relay.to_client.push(chunk);
+        }
+        self.push_flow_output();
     }
 
     /// Says goodbye to both sides as the ending requires.
@@ -404,6 +446,21 @@ where
             .await;
         }
     }
+}
+
+/// The ParameterStatus values of a server's greeting.
+fn greeting_parameters(greeting: &[u8]) -> Vec<(&[u8], &[u8])> {
+    let mut parameters = Vec::new();
+    let mut rest = greeting;
+    while let Ok(Next::Frame { tag, len }) = frame::next(rest, usize::MAX) {
+        if tag == b'S' {
+            if let Some(parameter) = server_msg::parameter_status(&rest[..len]) {
+                parameters.push(parameter);
+            }
+        }
+        rest = &rest[len..];
+    }
+    parameters
 }
 
 /// Handles a CancelRequest: re-issues it with the key of the session's

@@ -126,6 +126,9 @@ pub struct Relay<C, S> {
     /// Set once the client has sent Terminate or gone: nothing more is read
     /// from it.
     pub client_done: bool,
+    /// Set while the client's next message must wait for answers in
+    /// flight: nothing more is read from it meanwhile.
+    pub hold_client: bool,
     /// Alternates which side is read first, so that a busy side cannot
     /// starve the other.
     server_first: bool,
@@ -145,6 +148,7 @@ where
             to_client: Outbox::default(),
             to_server: Outbox::default(),
             client_done: false,
+            hold_client: false,
             server_first: false,
         }
     }
@@ -174,7 +178,7 @@ where
     }
 
     fn poll_client_read(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
-        if self.client_done || self.to_server.len() >= HIGH_WATER {
+        if self.client_done || self.hold_client || self.to_server.len() >= HIGH_WATER {
             return Poll::Pending;
         }
         reserve(&mut self.from_client);

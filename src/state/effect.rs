@@ -1255,9 +1255,8 @@ mod tests {
             effect_of(sql, classify(sql, &off), &off),
             set("application_name", "a'b", false)
         );
-        let sql = b"SET application_name = 'a\\b'";
         assert_eq!(
-            effect(std::str::from_utf8(sql).unwrap()),
+            effect("SET application_name = 'a\\b'"),
             set("application_name", "a\\b", false)
         );
     }

@@ -12,6 +12,7 @@
 mod attributes;
 mod codec;
 mod id;
+mod named;
 mod plan;
 pub use plan::{quote_identifier, quote_literal, PlanError, RestorePlan, RestoreStep};
 mod registry;
@@ -20,6 +21,7 @@ mod replay;
 pub use attributes::{fold_guc_name, PreparedOrigin, PreparedStatement, Template};
 pub use codec::DecodeError;
 pub use id::{state_hash, ParseTemplateIdError, StateHash, TemplateId};
+pub use named::{load_named_templates, NamedTemplate, NamedTemplateError, NamedTemplates};
 pub use registry::{Registry, RegistryStats, TemplateRef};
 pub use replay::{
     IsolationLevel, NonRecoverable, NonRecoverableSet, ReplayState, TransactionStatus,

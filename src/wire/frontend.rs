@@ -120,6 +120,72 @@ pub fn check(frame: &[u8]) -> Result<FrontendKind, MessageError> {
     }
 }
 
+/// The fields of a checked Parse frame.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParseFields<'a> {
+    pub name: &'a [u8],
+    pub query: &'a [u8],
+    pub param_types: Vec<u32>,
+}
+
+/// Field accessors for frames that [`check`] accepted; `None` only for a
+/// frame it would have refused.
+fn body(frame: &[u8]) -> Reader<'_> {
+    Reader {
+        rest: frame.get(super::frame::HEADER_LEN..).unwrap_or_default(),
+    }
+}
+
+/// The query string of a Query frame.
+pub fn query_text(frame: &[u8]) -> Option<&[u8]> {
+    body(frame).take_cstr()
+}
+
+pub fn parse_fields(frame: &[u8]) -> Option<ParseFields<'_>> {
+    let mut reader = body(frame);
+    let name = reader.take_cstr()?;
+    let query = reader.take_cstr()?;
+    let count = reader.count().ok()?;
+    let mut param_types = Vec::with_capacity(count);
+    for _ in 0..count {
+        param_types.push(reader.i32().ok()? as u32);
+    }
+    Some(ParseFields {
+        name,
+        query,
+        param_types,
+    })
+}
+
+/// Portal name, statement name and number of parameter values of a Bind.
+pub fn bind_fields(frame: &[u8]) -> Option<(&[u8], &[u8], usize)> {
+    let mut reader = body(frame);
+    let portal = reader.take_cstr()?;
+    let statement = reader.take_cstr()?;
+    let formats = reader.count().ok()?;
+    reader.skip(formats * 2).ok()?;
+    let values = reader.count().ok()?;
+    Some((portal, statement, values))
+}
+
+/// `S` or `P` and the name of a Describe or Close.
+pub fn target_fields(frame: &[u8]) -> Option<(u8, &[u8])> {
+    let mut reader = body(frame);
+    let (&kind, rest) = reader.rest.split_first()?;
+    reader.rest = rest;
+    Some((kind, reader.take_cstr()?))
+}
+
+/// The portal of an Execute.
+pub fn execute_portal(frame: &[u8]) -> Option<&[u8]> {
+    body(frame).take_cstr()
+}
+
+/// The function OID of a FunctionCall.
+pub fn function_oid(frame: &[u8]) -> Option<u32> {
+    body(frame).i32().ok().map(|oid| oid as u32)
+}
+
 fn check_parse(reader: &mut Reader<'_>) -> Result<(), &'static str> {
     reader.cstr()?;
     reader.cstr()?;
@@ -156,7 +222,14 @@ struct Reader<'a> {
     rest: &'a [u8],
 }
 
-impl Reader<'_> {
+impl<'a> Reader<'a> {
+    fn take_cstr(&mut self) -> Option<&'a [u8]> {
+        let nul = memchr::memchr(0, self.rest)?;
+        let value = &self.rest[..nul];
+        self.rest = &self.rest[nul + 1..];
+        Some(value)
+    }
+
     fn cstr(&mut self) -> Result<(), &'static str> {
         let nul = memchr::memchr(0, self.rest)
             .ok_or("string is not NUL-terminated within the message length")?;

@@ -3,8 +3,14 @@
 //! Everything else a client receives is forwarded from a server byte for
 //! byte; these are the only frames the proxy writes of its own.
 
-use bytes::BytesMut;
-use pgwire::messages::response::{ErrorResponse, ReadyForQuery, TransactionStatus};
+use bytes::{BufMut, BytesMut};
+use pgwire::messages::data::{
+    DataRow, FieldDescription, NoData, ParameterDescription, RowDescription, FORMAT_CODE_TEXT,
+};
+use pgwire::messages::extendedquery::{BindComplete, CloseComplete, ParseComplete};
+use pgwire::messages::response::{
+    CommandComplete, ErrorResponse, ReadyForQuery, TransactionStatus,
+};
 use pgwire::messages::startup::{
     Authentication, BackendKeyData, NegotiateProtocolVersion, SecretKey,
 };
@@ -16,6 +22,10 @@ pub mod sqlstate {
     pub const CONNECTION_FAILURE: &str = "08006";
     pub const CLIENT_CANNOT_CONNECT: &str = "08001";
     pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
+    pub const ACTIVE_SQL_TRANSACTION: &str = "25001";
+    pub const UNDEFINED_OBJECT: &str = "42704";
+    pub const CANT_CHANGE_RUNTIME_PARAM: &str = "55P02";
+    pub const OBJECT_NOT_IN_PREREQUISITE_STATE: &str = "55000";
     pub const INVALID_AUTHORIZATION: &str = "28000";
     pub const INVALID_PASSWORD: &str = "28P01";
     pub const TOO_MANY_CONNECTIONS: &str = "53300";
@@ -92,6 +102,55 @@ pub fn ready_for_query(out: &mut BytesMut, status: u8) {
         _ => TransactionStatus::Idle,
     };
     encode(&ReadyForQuery::new(status), out);
+}
+
+/// Type OID of `text`, the type of every column Reprise answers with.
+const TEXT_OID: u32 = 25;
+
+pub fn command_complete(out: &mut BytesMut, tag: &str) {
+    encode(&CommandComplete::new(tag.to_owned()), out);
+}
+
+/// A RowDescription of text columns in text format.
+pub fn row_description(out: &mut BytesMut, columns: &[&str]) {
+    let fields = columns
+        .iter()
+        .map(|name| {
+            FieldDescription::new((*name).to_owned(), 0, 0, TEXT_OID, -1, -1, FORMAT_CODE_TEXT)
+        })
+        .collect();
+    encode(&RowDescription::new(fields), out);
+}
+
+pub fn data_row(out: &mut BytesMut, values: &[&[u8]]) {
+    let mut data = BytesMut::new();
+    for value in values {
+        data.put_i32(i32::try_from(value.len()).unwrap_or(i32::MAX));
+        data.extend_from_slice(value);
+    }
+    let count = i16::try_from(values.len()).unwrap_or(i16::MAX);
+    encode(&DataRow::new(data, count), out);
+}
+
+pub fn parse_complete(out: &mut BytesMut) {
+    encode(&ParseComplete::new(), out);
+}
+
+pub fn bind_complete(out: &mut BytesMut) {
+    encode(&BindComplete::new(), out);
+}
+
+pub fn close_complete(out: &mut BytesMut) {
+    encode(&CloseComplete::new(), out);
+}
+
+pub fn no_data(out: &mut BytesMut) {
+    encode(&NoData::new(), out);
+}
+
+/// ParameterDescription for a statement without parameters.
+pub fn no_parameters(out: &mut BytesMut) {
+    encode(&ParameterDescription::new(Vec::new()), out);
 }
 
 /// Tells a client that asked for protocol 3.`minor` or for `_pq_.` options

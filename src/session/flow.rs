@@ -1,0 +1,1014 @@
+//! What the server owes the client: every request in flight, matched with
+//! the server's answers message by message.
+//!
+//! The matching is what lets the [tracker](crate::state::Tracker) apply a
+//! statement's effect when, and only if, the server completes it, what
+//! finds request boundaries and safe points, and what lets Reprise answer
+//! its own statements (`SHOW reprise.…`, `SET reprise.template`) at their
+//! place in the stream, in the simple and the extended protocol, even when
+//! the client pipelines.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+
+use crate::proxy::Shared;
+use crate::state::effect::isolation_name;
+use crate::state::tracker::LOCAL_DEFAULT;
+use crate::state::{Effect, RepriseCommand, Tracker};
+use crate::template::{
+    PreparedOrigin, RestorePlan, RestoreStep, StateHash, Template, TemplateId, TransactionStatus,
+};
+use crate::wire::backend as server_msg;
+use crate::wire::frame;
+use crate::wire::frontend::{self, FrontendKind};
+use crate::wire::reply::{self, sqlstate, Severity};
+
+/// What to do with a client frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientStep {
+    /// Send it to the server.
+    Forward,
+    /// Do not send it: Reprise answers it, or it is skipped.
+    Drop,
+    /// Leave it, and everything after it, unread until nothing is in
+    /// flight.
+    Hold,
+}
+
+/// What to do with a server frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServerStep {
+    Forward,
+    /// An answer to Reprise's own request: the client never sees it.
+    Consume,
+}
+
+/// Boundaries and safe points, for the replay log and the journal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StateEvent {
+    /// ReadyForQuery with nothing in flight.
+    Boundary { state_hash: StateHash },
+    /// A boundary where the template alone is the session's state.
+    SafePoint {
+        template: TemplateId,
+        state_hash: StateHash,
+    },
+}
+
+/// One row of a `SHOW reprise.…` answer.
+type Row = Vec<Vec<u8>>;
+
+/// What a client-side name (statement or portal) stands for.
+#[derive(Clone, Debug)]
+enum Target {
+    /// A server object; the effect its execution has.
+    Server(Effect),
+    /// A statement of Reprise's own.
+    Local(RepriseCommand),
+}
+
+/// One request in flight, in the order the server answers.
+#[derive(Debug)]
+enum Pending {
+    /// A simple Query: one effect per statement, applied at each
+    /// CommandComplete; ends with ReadyForQuery.
+    Query(VecDeque<Effect>),
+    Parse {
+        name: Bytes,
+        query: Bytes,
+        param_types: Vec<u32>,
+    },
+    Bind,
+    Describe,
+    Execute(Effect),
+    Close {
+        statement: Option<Bytes>,
+    },
+    Sync,
+    /// FunctionCall: FunctionCallResponse, then ReadyForQuery.
+    Function(Effect),
+    /// Answered by Reprise when its turn comes.
+    Local(Answer),
+    /// Reprise's own request to move the session into another template.
+    Switch(Switch),
+    /// A request that fails on purpose, so that the server abandons the
+    /// rest of an extended batch as PostgreSQL would after an error.
+    Abort,
+}
+
+#[derive(Debug)]
+struct Switch {
+    readies_left: u32,
+    target: Template,
+    error: Option<Bytes>,
+    /// Simple protocol: the answer ends with ReadyForQuery.
+    with_ready: bool,
+}
+
+/// An answer Reprise composes when its turn comes, from the state at that
+/// moment.
+#[derive(Debug)]
+enum Answer {
+    Ready,
+    Bytes(BytesMut),
+    Show {
+        name: Bytes,
+        describe: bool,
+        with_ready: bool,
+    },
+    /// Describe of a local statement (`statement`) or portal.
+    Describe {
+        command: RepriseCommand,
+        statement: bool,
+    },
+}
+
+/// Both directions of one session's protocol, with its tracked state.
+pub struct Flow {
+    pub tracker: Tracker,
+    shared: Arc<Shared>,
+    /// Off: a plain relay that only finds boundaries.
+    tracking: bool,
+    queue: VecDeque<Pending>,
+    /// Requests in flight when tracking is off.
+    awaiting_ready: u32,
+    status: u8,
+    /// Extended-protocol messages sent to the server since the last Sync.
+    unsynced: bool,
+    /// Extended-protocol messages answered by Reprise since the last Sync.
+    local_since_sync: bool,
+    /// Reprise refused a message of an extended batch: the rest of it, up
+    /// to Sync, is skipped.
+    skip_to_sync: bool,
+    statements: HashMap<Bytes, Target>,
+    portals: HashMap<Bytes, Target>,
+    /// Local answers ready to go to the client now, after what was
+    /// forwarded before them.
+    pub to_client: BytesMut,
+    /// Requests of Reprise's own for the server, after what was forwarded
+    /// before them.
+    pub to_server: BytesMut,
+    pub events: Vec<StateEvent>,
+}
+
+impl Flow {
+    pub fn new(tracker: Tracker, shared: Arc<Shared>, tracking: bool, status: u8) -> Self {
+        Flow {
+            tracker,
+            shared,
+            tracking,
+            queue: VecDeque::new(),
+            awaiting_ready: 0,
+            status,
+            unsynced: false,
+            local_since_sync: false,
+            skip_to_sync: false,
+            statements: HashMap::new(),
+            portals: HashMap::new(),
+            to_client: BytesMut::new(),
+            to_server: BytesMut::new(),
+            events: Vec::new(),
+        }
+    }
+
+    /// Nothing in flight and nothing half-sent.
+    pub fn at_boundary(&self) -> bool {
+        self.queue.is_empty() && self.awaiting_ready == 0 && !self.unsynced
+    }
+
+    /// At a boundary outside any transaction.
+    pub fn idle(&self) -> bool {
+        self.at_boundary() && self.status == b'I'
+    }
+
+    /// Handles a checked client frame.
+    pub fn client_frame(&mut self, kind: FrontendKind, message: &[u8]) -> ClientStep {
+        if !self.tracking {
+            if kind.ends_request() {
+                self.awaiting_ready += 1;
+            }
+            match kind {
+                FrontendKind::Sync => self.unsynced = false,
+                kind if kind.is_extended() => self.unsynced = true,
+                _ => {}
+            }
+            return ClientStep::Forward;
+        }
+        if self.skip_to_sync && kind.is_extended() {
+            return ClientStep::Drop;
+        }
+        match kind {
+            FrontendKind::Query => self.query(message),
+            FrontendKind::Parse => self.parse(message),
+            FrontendKind::Bind => self.bind(message),
+            FrontendKind::Describe => self.describe(message),
+            FrontendKind::Execute => self.execute(message),
+            FrontendKind::Close => self.close(message),
+            FrontendKind::Sync => self.sync(),
+            FrontendKind::FunctionCall => {
+                let effect = function_effect(frontend::function_oid(message));
+                self.queue.push_back(Pending::Function(effect));
+                ClientStep::Forward
+            }
+            FrontendKind::Flush
+            | FrontendKind::CopyData
+            | FrontendKind::CopyDone
+            | FrontendKind::CopyFail
+            | FrontendKind::Terminate => ClientStep::Forward,
+        }
+    }
+
+    fn query(&mut self, message: &[u8]) -> ClientStep {
+        let sql = frontend::query_text(message).unwrap_or_default();
+        let effects = self.tracker.query_effects(sql);
+        let command = effects.iter().find_map(|effect| match effect {
+            Effect::Reprise(command) => Some(command.clone()),
+            _ => None,
+        });
+        let Some(command) = command else {
+            // A Query drops the unnamed statement and portal.
+            self.statements.remove(&b""[..]);
+            self.portals.remove(&b""[..]);
+            self.queue.push_back(Pending::Query(effects.into()));
+            return ClientStep::Forward;
+        };
+        let switches = matches!(
+            command,
+            RepriseCommand::SetTemplate(_) | RepriseCommand::ResetTemplate
+        );
+        if switches && effects.len() == 1 && !self.queue.is_empty() && !self.unsynced {
+            return ClientStep::Hold;
+        }
+        self.shared.stats.reprise_statements.inc();
+        if effects.len() > 1 {
+            self.local_error(
+                sqlstate::FEATURE_NOT_SUPPORTED,
+                "Reprise statements cannot be combined with other statements in one query string",
+                true,
+            );
+            return ClientStep::Drop;
+        }
+        match command {
+            RepriseCommand::Show(name) => self.answer(Answer::Show {
+                name,
+                describe: true,
+                with_ready: true,
+            }),
+            RepriseCommand::Unsupported(name) => {
+                self.unsupported(&name, true);
+            }
+            _ if self.unsynced => self.local_error(
+                sqlstate::FEATURE_NOT_SUPPORTED,
+                "SET reprise.template cannot follow extended-query messages that await a Sync",
+                true,
+            ),
+            command => self.switch(&command, true),
+        }
+        ClientStep::Drop
+    }
+
+    fn parse(&mut self, message: &[u8]) -> ClientStep {
+        let Some(fields) = frontend::parse_fields(message) else {
+            return ClientStep::Forward;
+        };
+        let effect = self.tracker.statement_effect(fields.query);
+        let name = Bytes::copy_from_slice(fields.name);
+        if let Effect::Reprise(command) = effect {
+            self.shared.stats.reprise_statements.inc();
+            if fields.param_types.iter().any(|oid| *oid != 0) {
+                self.statements.remove(&name);
+                self.local_error(
+                    sqlstate::PROTOCOL_VIOLATION,
+                    "Reprise statements take no parameters",
+                    false,
+                );
+                return ClientStep::Drop;
+            }
+            self.statements.insert(name, Target::Local(command));
+            let mut out = BytesMut::new();
+            reply::parse_complete(&mut out);
+            self.local_since_sync = true;
+            self.answer(Answer::Bytes(out));
+            return ClientStep::Drop;
+        }
+        self.statements
+            .insert(name.clone(), Target::Server(effect.clone()));
+        self.unsynced = true;
+        self.queue.push_back(Pending::Parse {
+            name,
+            query: Bytes::copy_from_slice(fields.query),
+            param_types: fields.param_types,
+        });
+        ClientStep::Forward
+    }
+
+    fn bind(&mut self, message: &[u8]) -> ClientStep {
+        let Some((portal, statement, values)) = frontend::bind_fields(message) else {
+            return ClientStep::Forward;
+        };
+        let portal = Bytes::copy_from_slice(portal);
+        match self.statements.get(statement).cloned() {
+            Some(Target::Local(command)) => {
+                if values > 0 {
+                    self.local_error(
+                        sqlstate::PROTOCOL_VIOLATION,
+                        &format!(
+                            "bind message supplies {values} parameters, but prepared statement \"{}\" requires 0",
+                            String::from_utf8_lossy(statement)
+                        ),
+                        false,
+                    );
+                    return ClientStep::Drop;
+                }
+                self.portals.insert(portal, Target::Local(command));
+                let mut out = BytesMut::new();
+                reply::bind_complete(&mut out);
+                self.local_since_sync = true;
+                self.answer(Answer::Bytes(out));
+                ClientStep::Drop
+            }
+            target => {
+                let target = target.unwrap_or(Target::Server(Effect::Unknown));
+                self.portals.insert(portal, target);
+                self.unsynced = true;
+                self.queue.push_back(Pending::Bind);
+                ClientStep::Forward
+            }
+        }
+    }
+
+    fn describe(&mut self, message: &[u8]) -> ClientStep {
+        let Some((kind, name)) = frontend::target_fields(message) else {
+            return ClientStep::Forward;
+        };
+        let map = if kind == b'S' {
+            &self.statements
+        } else {
+            &self.portals
+        };
+        if let Some(Target::Local(command)) = map.get(name) {
+            let command = command.clone();
+            self.local_since_sync = true;
+            self.answer(Answer::Describe {
+                command,
+                statement: kind == b'S',
+            });
+            return ClientStep::Drop;
+        }
+        self.unsynced = true;
+        self.queue.push_back(Pending::Describe);
+        ClientStep::Forward
+    }
+
+    fn execute(&mut self, message: &[u8]) -> ClientStep {
+        let portal = frontend::execute_portal(message).unwrap_or_default();
+        match self.portals.get(portal) {
+            Some(Target::Local(command)) => {
+                let command = command.clone();
+                self.local_since_sync = true;
+                match command {
+                    RepriseCommand::Show(name) => self.answer(Answer::Show {
+                        name,
+                        describe: false,
+                        with_ready: false,
+                    }),
+                    RepriseCommand::Unsupported(name) => self.unsupported(&name, false),
+                    command => {
+                        if self.unsynced {
+                            self.abort_batch(
+                                sqlstate::FEATURE_NOT_SUPPORTED,
+                                "SET reprise.template cannot share an extended-query batch with other statements",
+                            );
+                            return ClientStep::Drop;
+                        }
+                        if !self.queue.is_empty() {
+                            return ClientStep::Hold;
+                        }
+                        self.switch(&command, false);
+                    }
+                }
+                ClientStep::Drop
+            }
+            target => {
+                let effect = match target {
+                    Some(Target::Server(effect)) => effect.clone(),
+                    _ => Effect::Unknown,
+                };
+                self.unsynced = true;
+                self.queue.push_back(Pending::Execute(effect));
+                ClientStep::Forward
+            }
+        }
+    }
+
+    fn close(&mut self, message: &[u8]) -> ClientStep {
+        let Some((kind, name)) = frontend::target_fields(message) else {
+            return ClientStep::Forward;
+        };
+        let map = if kind == b'S' {
+            &mut self.statements
+        } else {
+            &mut self.portals
+        };
+        if let Some(Target::Local(_)) = map.get(name) {
+            map.remove(name);
+            let mut out = BytesMut::new();
+            reply::close_complete(&mut out);
+            self.local_since_sync = true;
+            self.answer(Answer::Bytes(out));
+            return ClientStep::Drop;
+        }
+        map.remove(name);
+        self.unsynced = true;
+        self.queue.push_back(Pending::Close {
+            statement: (kind == b'S').then(|| Bytes::copy_from_slice(name)),
+        });
+        ClientStep::Forward
+    }
+
+    fn sync(&mut self) -> ClientStep {
+        self.skip_to_sync = false;
+        let local_only = self.local_since_sync && !self.unsynced;
+        self.local_since_sync = false;
+        self.unsynced = false;
+        if local_only {
+            self.answer(Answer::Ready);
+            return ClientStep::Drop;
+        }
+        self.queue.push_back(Pending::Sync);
+        ClientStep::Forward
+    }
+
+    /// Queues an answer of Reprise's own, and sends what is due.
+    fn answer(&mut self, answer: Answer) {
+        self.queue.push_back(Pending::Local(answer));
+        self.drain_local();
+    }
+
+    fn local_error(&mut self, code: &str, message: &str, with_ready: bool) {
+        let mut out = BytesMut::new();
+        reply::error(&mut out, Severity::Error, code, message, None);
+        if with_ready {
+            self.answer(Answer::Bytes(out));
+            self.answer(Answer::Ready);
+        } else {
+            self.skip_to_sync = true;
+            self.local_since_sync = true;
+            self.answer(Answer::Bytes(out));
+        }
+    }
+
+    fn unsupported(&mut self, name: &[u8], with_ready: bool) {
+        let name = String::from_utf8_lossy(name);
+        let (code, message) = match &*name {
+            "reprise.state_hash" | "reprise.stats" | "reprise.state" => (
+                sqlstate::CANT_CHANGE_RUNTIME_PARAM,
+                format!("parameter \"{name}\" cannot be changed"),
+            ),
+            _ => (
+                sqlstate::UNDEFINED_OBJECT,
+                format!("unrecognized configuration parameter \"{name}\""),
+            ),
+        };
+        self.local_error(code, &message, with_ready);
+    }
+
+    /// Refuses a message in the middle of an extended batch whose earlier
+    /// messages the server has: a failing request makes the server abandon
+    /// the batch (its implicit transaction included), as it would have on
+    /// an error of its own.
+    fn abort_batch(&mut self, code: &str, message: &str) {
+        let mut out = BytesMut::new();
+        reply::error(&mut out, Severity::Error, code, message, None);
+        self.queue.push_back(Pending::Local(Answer::Bytes(out)));
+        let mut name = b"reprise.abort".to_vec();
+        while self.statements.contains_key(&name[..])
+            || self.tracker.template().prepared.contains_key(&name[..])
+        {
+            name.push(b'_');
+        }
+        frame::write_frame(&mut self.to_server, Some(b'D'), |body| {
+            body.extend_from_slice(b"S");
+            body.extend_from_slice(&name);
+            body.extend_from_slice(&[0]);
+        });
+        self.queue.push_back(Pending::Abort);
+        self.skip_to_sync = true;
+        self.drain_local();
+    }
+
+    /// `SET reprise.template` / `RESET reprise.template`, with nothing in
+    /// flight: sends the restore plan, or answers at once.
+    fn switch(&mut self, command: &RepriseCommand, with_ready: bool) {
+        if self.tracker.in_transaction_block() {
+            self.local_error(
+                sqlstate::ACTIVE_SQL_TRANSACTION,
+                "SET reprise.template cannot run inside a transaction block",
+                with_ready,
+            );
+            return;
+        }
+        let startup = self.tracker.startup_template().as_ref().clone();
+        let target = match command {
+            RepriseCommand::SetTemplate(name) => {
+                let name = String::from_utf8_lossy(name);
+                match self.shared.named_templates().get(&name) {
+                    Some(named) => named.apply_to(&startup),
+                    None => {
+                        self.local_error(
+                            sqlstate::UNDEFINED_OBJECT,
+                            &format!("template \"{name}\" does not exist"),
+                            with_ready,
+                        );
+                        return;
+                    }
+                }
+            }
+            _ => startup,
+        };
+        let plan = match RestorePlan::between(self.tracker.template(), &target) {
+            Ok(plan) => plan,
+            Err(err) => {
+                self.local_error(
+                    sqlstate::OBJECT_NOT_IN_PREREQUISITE_STATE,
+                    &format!("cannot move the session into that template: {err}"),
+                    with_ready,
+                );
+                return;
+            }
+        };
+        if plan.steps.is_empty() {
+            self.finish_switch(target, with_ready);
+            return;
+        }
+        let mut readies = 0;
+        let batch = plan.sql_batch();
+        if !batch.is_empty() {
+            frame::write_frame(&mut self.to_server, Some(b'Q'), |body| {
+                body.extend_from_slice(&batch);
+                body.extend_from_slice(&[0]);
+            });
+            readies += 1;
+        }
+        let mut parses = false;
+        for step in plan.parse_steps() {
+            if let RestoreStep::Parse {
+                name,
+                query,
+                param_types,
+            } = step
+            {
+                write_parse(&mut self.to_server, name, query, param_types);
+                parses = true;
+            }
+        }
+        if parses {
+            frame::write_frame(&mut self.to_server, Some(b'S'), |_| {});
+            readies += 1;
+        }
+        self.queue.push_back(Pending::Switch(Switch {
+            readies_left: readies,
+            target,
+            error: None,
+            with_ready,
+        }));
+    }
+
+    fn finish_switch(&mut self, target: Template, with_ready: bool) {
+        for (name, statement) in &self.tracker.template().prepared {
+            if statement.origin == PreparedOrigin::Protocol && !target.prepared.contains_key(name) {
+                self.statements.remove(name);
+            }
+        }
+        for (name, statement) in &target.prepared {
+            if statement.origin == PreparedOrigin::Protocol {
+                let effect = self.tracker.statement_effect(&statement.query);
+                self.statements.insert(name.clone(), Target::Server(effect));
+            }
+        }
+        self.tracker.switch_to(target);
+        let mut out = BytesMut::new();
+        reply::command_complete(&mut out, "SET");
+        self.queue.push_front(Pending::Local(Answer::Bytes(out)));
+        if with_ready {
+            self.queue.insert(1, Pending::Local(Answer::Ready));
+        }
+        self.drain_local();
+    }
+
+    /// Sends the local answers at the head of the queue.
+    fn drain_local(&mut self) {
+        while let Some(Pending::Local(_)) = self.queue.front() {
+            let Some(Pending::Local(answer)) = self.queue.pop_front() else {
+                break;
+            };
+            self.compose(answer);
+        }
+    }
+
+    fn compose(&mut self, answer: Answer) {
+        match answer {
+            Answer::Ready => {
+                let status = self.tracker.replay_state().status.as_byte();
+                reply::ready_for_query(&mut self.to_client, status);
+            }
+            Answer::Bytes(bytes) => self.to_client.extend_from_slice(&bytes),
+            Answer::Show {
+                name,
+                describe,
+                with_ready,
+            } => {
+                match self.show_rows(&name) {
+                    Some((columns, rows)) => {
+                        if describe {
+                            reply::row_description(&mut self.to_client, &columns);
+                        }
+                        for row in &rows {
+                            let values: Vec<&[u8]> = row.iter().map(Vec::as_slice).collect();
+                            reply::data_row(&mut self.to_client, &values);
+                        }
+                        reply::command_complete(&mut self.to_client, "SHOW");
+                    }
+                    None => {
+                        let message = format!(
+                            "unrecognized configuration parameter \"{}\"",
+                            String::from_utf8_lossy(&name)
+                        );
+                        reply::error(
+                            &mut self.to_client,
+                            Severity::Error,
+                            sqlstate::UNDEFINED_OBJECT,
+                            &message,
+                            None,
+                        );
+                        if !with_ready {
+                            self.skip_to_sync = true;
+                        }
+                    }
+                }
+                if with_ready {
+                    let status = self.tracker.replay_state().status.as_byte();
+                    reply::ready_for_query(&mut self.to_client, status);
+                }
+            }
+            Answer::Describe { command, statement } => {
+                if statement {
+                    reply::no_parameters(&mut self.to_client);
+                }
+                match command {
+                    RepriseCommand::Show(name) => match show_columns(&name) {
+                        Some(columns) => reply::row_description(&mut self.to_client, &columns),
+                        None => reply::no_data(&mut self.to_client),
+                    },
+                    _ => reply::no_data(&mut self.to_client),
+                }
+            }
+        }
+    }
+
+    /// The columns and rows of `SHOW reprise.<name>`.
+    fn show_rows(&mut self, name: &[u8]) -> Option<(Vec<&'static str>, Vec<Row>)> {
+        let columns = show_columns(name)?;
+        let rows = match name {
+            b"reprise.template" => {
+                vec![vec![self.tracker.template_id().to_string().into_bytes()]]
+            }
+            b"reprise.state_hash" => {
+                vec![vec![self.tracker.state_hash().to_string().into_bytes()]]
+            }
+            b"reprise.stats" => self.stats_rows(),
+            b"reprise.state" => self.state_rows(),
+            _ => return None,
+        };
+        Some((columns, rows))
+    }
+
+    fn stats_rows(&self) -> Vec<Row> {
+        let registry = self.shared.registry.stats();
+        let mut rows: Vec<(&str, u64)> = vec![
+            (
+                "sessions_active",
+                self.shared
+                    .clients
+                    .load(std::sync::atomic::Ordering::Relaxed) as u64,
+            ),
+            ("templates", registry.templates as u64),
+            ("template_references", registry.references as u64),
+            ("template_acquisitions", registry.acquisitions),
+            ("template_dedup_hits", registry.dedup_hits),
+        ];
+        rows.extend(self.shared.stats.rows());
+        rows.into_iter()
+            .map(|(name, value)| vec![name.as_bytes().to_vec(), value.to_string().into_bytes()])
+            .collect()
+    }
+
+    /// The tracked state, one row per item: what the tests compare with
+    /// the server, and what an operator reads when a session will not
+    /// reach a safe point.
+    fn state_rows(&mut self) -> Vec<Row> {
+        let mut rows = Vec::new();
+        let mut row = |kind: &str, name: &[u8], value: &[u8]| {
+            rows.push(vec![
+                kind.as_bytes().to_vec(),
+                name.to_vec(),
+                value.to_vec(),
+            ])
+        };
+        let template_id = self.tracker.template_id().to_string();
+        let state_hash = self.tracker.state_hash().to_string();
+        row("template", b"", template_id.as_bytes());
+        row("state_hash", b"", state_hash.as_bytes());
+        let template = self.tracker.template();
+        for (name, value) in &template.startup {
+            row("startup", name, value);
+        }
+        for (name, value) in &template.settings {
+            row("setting", name, value);
+        }
+        if let Some(role) = &template.role {
+            row("role", b"", role);
+        }
+        if let Some(user) = &template.session_authorization {
+            row("session_authorization", b"", user);
+        }
+        for (name, statement) in &template.prepared {
+            let origin: &[u8] = match statement.origin {
+                PreparedOrigin::Sql => b"prepared_sql",
+                PreparedOrigin::Protocol => b"prepared_protocol",
+            };
+            row(
+                std::str::from_utf8(origin).unwrap_or("prepared"),
+                name,
+                &statement.query,
+            );
+        }
+        for channel in &template.listening {
+            row("listen", channel, b"");
+        }
+        let replay = self.tracker.replay_state();
+        row("status", b"", &[replay.status.as_byte()]);
+        if let Some(level) = replay.isolation {
+            row("isolation", b"", isolation_name(level));
+        }
+        if let Some(read_only) = replay.read_only {
+            row("read_only", b"", if read_only { b"on" } else { b"off" });
+        }
+        if let Some(deferrable) = replay.deferrable {
+            row("deferrable", b"", if deferrable { b"on" } else { b"off" });
+        }
+        for (name, value) in &replay.local_settings {
+            let value: &[u8] = if value.as_ref() == LOCAL_DEFAULT {
+                b"DEFAULT"
+            } else {
+                value
+            };
+            row("local", name, value);
+        }
+        for savepoint in &replay.savepoints {
+            row("savepoint", savepoint, b"");
+        }
+        for kind in replay.non_recoverable.iter() {
+            row("non_recoverable", format!("{kind:?}").as_bytes(), b"");
+        }
+        rows
+    }
+
+    /// Handles a server frame. FATAL errors are the session's business;
+    /// this sees them too, and forwards them.
+    pub fn server_frame(&mut self, tag: u8, message: &[u8]) -> ServerStep {
+        if !self.tracking {
+            if tag == b'Z' {
+                self.awaiting_ready = self.awaiting_ready.saturating_sub(1);
+                self.status = server_msg::ready_status(message).unwrap_or(b'I');
+            }
+            return ServerStep::Forward;
+        }
+        if tag == b'S' {
+            if let Some((name, value)) = server_msg::parameter_status(message) {
+                self.tracker.parameter_status(name, value);
+            }
+            return ServerStep::Forward;
+        }
+        if matches!(self.queue.front(), Some(Pending::Switch(_))) {
+            return self.switch_frame(tag, message);
+        }
+        match tag {
+            b'Z' => {
+                self.status = server_msg::ready_status(message).unwrap_or(b'I');
+                match self.queue.pop_front() {
+                    Some(Pending::Query(_) | Pending::Sync | Pending::Function(_)) => {}
+                    other => self.out_of_step(other),
+                }
+                self.ready();
+            }
+            b'E' => {
+                if server_msg::error_summary(message).is_fatal() {
+                    return ServerStep::Forward;
+                }
+                return self.error();
+            }
+            b'C' | b'I' => match self.queue.front_mut() {
+                Some(Pending::Query(effects)) => {
+                    let effect = effects.pop_front().unwrap_or(Effect::None);
+                    self.tracker.statement_done(&effect);
+                }
+                Some(Pending::Execute(_)) => {
+                    if let Some(Pending::Execute(effect)) = self.queue.pop_front() {
+                        self.tracker.statement_done(&effect);
+                    }
+                }
+                _ => {
+                    let other = self.queue.pop_front();
+                    self.out_of_step(other);
+                }
+            },
+            b's' => self.expect(|p| matches!(p, Pending::Execute(_))),
+            b'V' => {
+                if let Some(Pending::Function(effect)) = self.queue.front_mut() {
+                    let effect = std::mem::replace(effect, Effect::None);
+                    self.tracker.statement_done(&effect);
+                }
+            }
+            b'1' => match self.queue.pop_front() {
+                Some(Pending::Parse {
+                    name,
+                    query,
+                    param_types,
+                }) => {
+                    if !name.is_empty() {
+                        self.tracker.parsed(name, query, param_types);
+                    }
+                }
+                other => self.out_of_step(other),
+            },
+            b'2' => self.expect(|p| matches!(p, Pending::Bind)),
+            b'3' => match self.queue.pop_front() {
+                Some(Pending::Close { statement }) => {
+                    if let Some(name) = statement {
+                        self.tracker.closed_statement(&name);
+                    }
+                }
+                other => self.out_of_step(other),
+            },
+            b'T' | b'n' if matches!(self.queue.front(), Some(Pending::Describe)) => {
+                self.queue.pop_front();
+            }
+            _ => {}
+        }
+        self.drain_local();
+        ServerStep::Forward
+    }
+
+    /// An ErrorResponse: the request at the head failed, and in the
+    /// extended protocol the server skips the rest of the batch.
+    fn error(&mut self) -> ServerStep {
+        self.tracker.statement_failed();
+        let step = match self.queue.front() {
+            Some(Pending::Query(_) | Pending::Function(_)) => {
+                if let Some(Pending::Query(effects)) = self.queue.front_mut() {
+                    effects.clear();
+                }
+                return ServerStep::Forward;
+            }
+            Some(Pending::Abort) => ServerStep::Consume,
+            _ => ServerStep::Forward,
+        };
+        while let Some(front) = self.queue.front() {
+            if matches!(
+                front,
+                Pending::Sync | Pending::Query(_) | Pending::Function(_)
+            ) {
+                break;
+            }
+            self.queue.pop_front();
+        }
+        step
+    }
+
+    /// Answers to Reprise's own template switch: consumed, and the outcome
+    /// goes to the client as the answer to its SET.
+    fn switch_frame(&mut self, tag: u8, message: &[u8]) -> ServerStep {
+        let Some(Pending::Switch(switch)) = self.queue.front_mut() else {
+            return ServerStep::Forward;
+        };
+        match tag {
+            b'E' if server_msg::error_summary(message).is_fatal() => return ServerStep::Forward,
+            b'E' if switch.error.is_none() => {
+                switch.error = Some(Bytes::copy_from_slice(message));
+            }
+            b'Z' => {
+                switch.readies_left = switch.readies_left.saturating_sub(1);
+                if switch.readies_left == 0 {
+                    let Some(Pending::Switch(switch)) = self.queue.pop_front() else {
+                        return ServerStep::Consume;
+                    };
+                    match switch.error {
+                        None => self.finish_switch(switch.target, switch.with_ready),
+                        Some(error) => {
+                            // Part of the plan may have run: the state is
+                            // known again only at the next DISCARD ALL.
+                            self.tracker.mark_unknown();
+                            self.shared.stats.template_switch_failures.inc();
+                            let mut out = BytesMut::from(&error[..]);
+                            if switch.with_ready {
+                                reply::ready_for_query(&mut out, b'I');
+                            } else {
+                                self.skip_to_sync = true;
+                            }
+                            self.queue.push_front(Pending::Local(Answer::Bytes(out)));
+                            self.drain_local();
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+        ServerStep::Consume
+    }
+
+    fn expect(&mut self, is: impl FnOnce(&Pending) -> bool) {
+        if self.queue.front().is_some_and(is) {
+            self.queue.pop_front();
+        } else {
+            let other = self.queue.pop_front();
+            self.out_of_step(other);
+        }
+    }
+
+    /// The server answered something that was not asked: the tracker can
+    /// no longer vouch for the state.
+    fn out_of_step(&mut self, popped: Option<Pending>) {
+        tracing::warn!(
+            ?popped,
+            "server answer out of step with the requests in flight"
+        );
+        self.shared.stats.tracker_mismatches.inc();
+        self.tracker.mark_unknown();
+    }
+
+    fn ready(&mut self) {
+        let ready = self.tracker.ready(self.status);
+        let in_flight = self
+            .queue
+            .iter()
+            .any(|pending| !matches!(pending, Pending::Local(_)));
+        if in_flight || self.unsynced {
+            return;
+        }
+        self.shared.stats.boundaries.inc();
+        self.events.push(StateEvent::Boundary {
+            state_hash: ready.state_hash,
+        });
+        if ready.safe {
+            self.shared.stats.safe_points.inc();
+            self.events.push(StateEvent::SafePoint {
+                template: ready.template,
+                state_hash: ready.state_hash,
+            });
+        }
+    }
+
+    /// The transaction status as the client last learnt it.
+    pub fn status(&self) -> TransactionStatus {
+        TransactionStatus::from_byte(self.status).unwrap_or_default()
+    }
+}
+
+fn show_columns(name: &[u8]) -> Option<Vec<&'static str>> {
+    Some(match name {
+        b"reprise.template" => vec!["reprise.template"],
+        b"reprise.state_hash" => vec!["reprise.state_hash"],
+        b"reprise.stats" => vec!["name", "value"],
+        b"reprise.state" => vec!["kind", "name", "value"],
+        _ => return None,
+    })
+}
+
+/// Large-object functions change no session state; any other function
+/// called through the legacy protocol may (set_config has an OID too).
+fn function_effect(oid: Option<u32>) -> Effect {
+    const LARGE_OBJECT_FUNCTIONS: &[u32] = &[
+        715, 952, 953, 954, 955, 956, 957, 958, 964, 1004, 3170, 3171, 3172,
+    ];
+    match oid {
+        Some(oid) if LARGE_OBJECT_FUNCTIONS.contains(&oid) => Effect::None,
+        _ => Effect::Unknown,
+    }
+}
+
+fn write_parse(out: &mut BytesMut, name: &[u8], query: &[u8], param_types: &[u32]) {
+    frame::write_frame(out, Some(b'P'), |body| {
+        body.extend_from_slice(name);
+        body.extend_from_slice(&[0]);
+        body.extend_from_slice(query);
+        body.extend_from_slice(&[0]);
+        let count = u16::try_from(param_types.len()).unwrap_or(u16::MAX);
+        body.extend_from_slice(&count.to_be_bytes());
+        for oid in param_types.iter().take(usize::from(count)) {
+            body.extend_from_slice(&oid.to_be_bytes());
+        }
+    });
+}
