@@ -744,6 +744,14 @@ impl Flow {
                 name,
                 &statement.query,
             );
+            if !statement.param_types.is_empty() {
+                let types: Vec<String> = statement
+                    .param_types
+                    .iter()
+                    .map(|oid| oid.to_string())
+                    .collect();
+                row("param_types", name, types.join(",").as_bytes());
+            }
         }
         for channel in &template.listening {
             row("listen", channel, b"");

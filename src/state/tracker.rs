@@ -73,6 +73,8 @@ pub struct Tracker {
     prepared_effects: HashMap<Bytes, Effect>,
     /// Values of reported parameters as the server last reported them.
     reported: HashMap<Bytes, Bytes>,
+    /// … and as it reported them at login: the session defaults.
+    login_reported: HashMap<Bytes, Bytes>,
     lex: LexOptions,
     /// A statement since the last safe point cannot be journaled or
     /// replayed (a credential); cleared at the next safe point.
@@ -156,6 +158,7 @@ impl Tracker {
             tx: None,
             held_cursors: BTreeSet::new(),
             prepared_effects: HashMap::new(),
+            login_reported: reported.clone(),
             reported,
             lex,
             unreplayable: false,
@@ -248,6 +251,11 @@ impl Tracker {
                 effect
             }
         }
+    }
+
+    /// The effect of a statement classified again (not counted).
+    fn silent_effect(&self, statement: &[u8]) -> Effect {
+        effect_of(statement, classify(statement, &self.lex), &self.lex)
     }
 
     /// The server completed a statement (CommandComplete or
@@ -360,16 +368,14 @@ impl Tracker {
 
     /// The value a reported GUC had at login.
     fn startup_value(&self, name: &[u8]) -> Option<Bytes> {
-        self.startup
-            .template()
-            .startup
-            .iter()
-            .find(|(key, _)| key.eq_ignore_ascii_case(name))
-            .map(|(_, value)| value.clone())
+        self.login_reported.get(name).cloned()
     }
 
     /// A named statement was created by protocol Parse.
     pub fn parsed(&mut self, name: Bytes, query: Bytes, param_types: Vec<u32>) {
+        // SQL EXECUTE can run it too.
+        let effect = self.silent_effect(&query);
+        self.prepared_effects.insert(name.clone(), effect);
         let statement = PreparedStatement {
             origin: PreparedOrigin::Protocol,
             query,
@@ -398,8 +404,15 @@ impl Tracker {
     /// Moves the session to `target` (a template switch that the server
     /// has carried out).
     pub fn switch_to(&mut self, target: Template) {
-        self.prepared_effects
-            .retain(|name, _| target.prepared.contains_key(name));
+        self.prepared_effects.clear();
+        for (name, statement) in &target.prepared {
+            let effect = match (statement.origin, self.silent_effect(&statement.query)) {
+                (PreparedOrigin::Sql, Effect::Prepare { body, .. }) => *body,
+                (PreparedOrigin::Sql, _) => Effect::Unknown,
+                (PreparedOrigin::Protocol, effect) => effect,
+            };
+            self.prepared_effects.insert(name.clone(), effect);
+        }
         self.change(|working| *working = target);
         self.stats.template_switches.inc();
     }
@@ -803,10 +816,13 @@ impl Tracker {
         let startup = self.startup.template().as_ref().clone();
         self.prepared_effects.clear();
         self.held_cursors.clear();
+        // Whatever an unclassified statement changed, DISCARD ALL resets
+        // too, but for a loaded library.
         for kind in [
             NonRecoverable::TempObjects,
             NonRecoverable::HoldCursors,
             NonRecoverable::AdvisoryLocks,
+            NonRecoverable::Unclassified,
         ] {
             self.clear_non_recoverable(kind);
         }

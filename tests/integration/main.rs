@@ -4,6 +4,7 @@
 
 mod bad_input;
 mod clients;
+mod hooks;
 mod lifecycle;
 mod relay;
 mod restore_plan;
