@@ -38,6 +38,10 @@ pub struct BenchArgs {
     /// Do not try to install PgBouncer with apt-get when it is missing.
     #[arg(long)]
     no_install: bool,
+    /// Also run a second Reprise with `session_tracking = false`, to
+    /// measure what state tracking costs (the tracked/untracked column).
+    #[arg(long)]
+    untracked: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,6 +49,7 @@ enum Target {
     Direct,
     Reprise,
     PgBouncer,
+    RepriseUntracked,
 }
 
 impl Target {
@@ -53,6 +58,7 @@ impl Target {
             Target::Direct => "direct",
             Target::Reprise => "reprise",
             Target::PgBouncer => "pgbouncer",
+            Target::RepriseUntracked => "untracked",
         }
     }
 }
@@ -104,7 +110,12 @@ fn bench(args: &BenchArgs, interrupted: &CancellationToken) -> anyhow::Result<()
     }
 
     let reprise_port = throwaway_pg::lease_port()?;
-    let reprise = start_reprise(work.path(), reprise_port.port(), cluster.port())?;
+    let reprise = start_reprise(
+        &work.path().join("tracked"),
+        reprise_port.port(),
+        cluster.port(),
+        true,
+    )?;
     let mut targets = vec![
         (Target::Direct, cluster.port()),
         (Target::Reprise, reprise_port.port()),
@@ -128,6 +139,19 @@ fn bench(args: &BenchArgs, interrupted: &CancellationToken) -> anyhow::Result<()
             ),
         }
     }
+    let untracked_port = throwaway_pg::lease_port()?;
+    let _untracked = if args.untracked {
+        let child = start_reprise(
+            &work.path().join("untracked"),
+            untracked_port.port(),
+            cluster.port(),
+            false,
+        )?;
+        targets.push((Target::RepriseUntracked, untracked_port.port()));
+        Some(child)
+    } else {
+        None
+    };
     for (target, port) in &targets {
         wait_for_port(*port)
             .with_context(|| format!("{} does not accept connections", target.name()))?;
@@ -146,9 +170,10 @@ fn bench(args: &BenchArgs, interrupted: &CancellationToken) -> anyhow::Result<()
     }
     writeln!(
         report,
-        " {:>15} {:>18}",
-        "reprise/direct", "reprise/pgbouncer"
+        " {:>15} {:>18} {:>18}",
+        "reprise/direct", "reprise/pgbouncer", "tracked/untracked"
     )?;
+    let position = |wanted: Target| targets.iter().position(|(target, _)| *target == wanted);
     for mode in &args.modes {
         for &clients in &args.clients {
             let mut samples: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
@@ -178,13 +203,16 @@ fn bench(args: &BenchArgs, interrupted: &CancellationToken) -> anyhow::Result<()
                 write!(report, " {value:>12.0}")?;
             }
             let versus_direct = medians[1] / medians[0];
-            let versus_pgbouncer = medians.get(2).map(|pgbouncer| medians[1] / pgbouncer);
+            let versus = |other: Target| {
+                position(other)
+                    .map(|at| format!("{:.3}", medians[1] / medians[at]))
+                    .unwrap_or_else(|| "-".to_owned())
+            };
             writeln!(
                 report,
-                " {versus_direct:>15.3} {:>18}",
-                versus_pgbouncer
-                    .map(|r| format!("{r:.3}"))
-                    .unwrap_or_else(|| "-".to_owned())
+                " {versus_direct:>15.3} {:>18} {:>18}",
+                versus(Target::PgBouncer),
+                versus(Target::RepriseUntracked),
             )?;
         }
     }
@@ -253,13 +281,21 @@ fn median(values: &mut [f64]) -> f64 {
     }
 }
 
-fn start_reprise(work: &Path, port: u16, server_port: u16) -> anyhow::Result<Guarded> {
+fn start_reprise(
+    work: &Path,
+    port: u16,
+    server_port: u16,
+    tracking: bool,
+) -> anyhow::Result<Guarded> {
     let exe = std::env::current_exe().context("cannot find the reprise executable")?;
-    let data_dir = work.join("reprise-data");
+    std::fs::create_dir_all(work)?;
+    let config = work.join("reprise.toml");
+    std::fs::write(&config, format!("session_tracking = {tracking}\n"))?;
     let child = Command::new(exe)
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["serve", "--config", &config.display().to_string()])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
         .args(["--backend", &format!("bench=127.0.0.1:{server_port}")])
-        .args(["--data-dir", &data_dir.display().to_string()])
+        .args(["--data-dir", &work.join("data").display().to_string()])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()
