@@ -14,7 +14,7 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 
 use crate::proxy::Shared;
-use crate::state::effect::isolation_name;
+use crate::state::effect::{isolation_name, Discard};
 use crate::state::tracker::LOCAL_DEFAULT;
 use crate::state::{Effect, RepriseCommand, Tracker};
 use crate::template::{
@@ -79,6 +79,9 @@ enum Pending {
         name: Bytes,
         query: Bytes,
         param_types: Vec<u32>,
+        /// What the name stood for before: a Parse the server refuses or
+        /// skips leaves the name as it was.
+        previous: Option<Target>,
     },
     Bind,
     Describe,
@@ -293,13 +296,15 @@ impl Flow {
             self.answer(Answer::Bytes(out));
             return ClientStep::Drop;
         }
-        self.statements
+        let previous = self
+            .statements
             .insert(name.clone(), Target::Server(effect.clone()));
         self.unsynced = true;
         self.queue.push_back(Pending::Parse {
             name,
             query: Bytes::copy_from_slice(fields.query),
             param_types: fields.param_types,
+            previous,
         });
         ClientStep::Forward
     }
@@ -330,7 +335,13 @@ impl Flow {
                 ClientStep::Drop
             }
             target => {
-                let target = target.unwrap_or(Target::Server(Effect::Unknown));
+                // Not parsed in this session's protocol stream: a statement
+                // from SQL PREPARE, perhaps earlier in this very batch. Its
+                // effect is looked up when the Execute completes, as for
+                // SQL EXECUTE.
+                let target = target.unwrap_or_else(|| {
+                    Target::Server(Effect::Execute(Bytes::copy_from_slice(statement)))
+                });
                 self.portals.insert(portal, target);
                 self.unsynced = true;
                 self.queue.push_back(Pending::Bind);
@@ -822,10 +833,12 @@ impl Flow {
                 Some(Pending::Query(effects)) => {
                     let effect = effects.pop_front().unwrap_or(Effect::None);
                     self.tracker.statement_done(&effect);
+                    self.forget_statements(&effect);
                 }
                 Some(Pending::Execute(_)) => {
                     if let Some(Pending::Execute(effect)) = self.queue.pop_front() {
                         self.tracker.statement_done(&effect);
+                        self.forget_statements(&effect);
                     }
                 }
                 _ => {
@@ -845,6 +858,7 @@ impl Flow {
                     name,
                     query,
                     param_types,
+                    ..
                 }) => {
                     if !name.is_empty() {
                         self.tracker.parsed(name, query, param_types);
@@ -870,6 +884,23 @@ impl Flow {
         ServerStep::Forward
     }
 
+    /// SQL PREPARE, DEALLOCATE and DISCARD ALL act on the namespace that
+    /// protocol Parse shares: a name they touch no longer stands for what
+    /// an earlier Parse made it, and a Bind of it asks the tracker instead.
+    fn forget_statements(&mut self, effect: &Effect) {
+        match effect {
+            Effect::Prepare { name, .. } | Effect::Deallocate(Some(name)) => {
+                if let Some(Target::Server(_)) = self.statements.get(name) {
+                    self.statements.remove(name);
+                }
+            }
+            Effect::Deallocate(None) | Effect::Discard(Discard::All) => self
+                .statements
+                .retain(|name, target| name.is_empty() || matches!(target, Target::Local(_))),
+            _ => {}
+        }
+    }
+
     /// An ErrorResponse: the request at the head failed, and in the
     /// extended protocol the server skips the rest of the batch.
     fn error(&mut self) -> ServerStep {
@@ -884,6 +915,7 @@ impl Flow {
             Some(Pending::Abort) => ServerStep::Consume,
             _ => ServerStep::Forward,
         };
+        let mut refused = Vec::new();
         while let Some(front) = self.queue.front() {
             if matches!(
                 front,
@@ -891,7 +923,16 @@ impl Flow {
             ) {
                 break;
             }
-            self.queue.pop_front();
+            if let Some(Pending::Parse { name, previous, .. }) = self.queue.pop_front() {
+                refused.push((name, previous));
+            }
+        }
+        // Latest first, so that a name parsed twice gets its first value.
+        for (name, previous) in refused.into_iter().rev() {
+            match previous {
+                Some(target) => self.statements.insert(name, target),
+                None => self.statements.remove(&name),
+            };
         }
         step
     }

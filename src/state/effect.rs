@@ -21,7 +21,7 @@ use sqlparser::parser::Parser;
 
 use super::classify::{classify, Class, Kind};
 use super::lexer::{LexOptions, Lexeme, Lexer, TokenKind};
-use crate::template::{IsolationLevel, NonRecoverable};
+use crate::template::{quote_identifier, IsolationLevel, NonRecoverable};
 
 /// PostgreSQL truncates identifiers to `NAMEDATALEN - 1` bytes.
 const MAX_IDENTIFIER: usize = 63;
@@ -284,7 +284,7 @@ impl<'a> Tokens<'a> {
             let schema = string_value(value, self.standard_conforming_strings)?;
             return Some(Effect::Set {
                 name: Bytes::from_static(b"search_path"),
-                value: Bytes::from(quote_list_element(&schema)),
+                value: Bytes::from(quote_list_element(&schema)?),
                 local,
             });
         }
@@ -479,11 +479,14 @@ impl<'a> Tokens<'a> {
         let start = first.text.as_ptr() as usize - self.sql.as_ptr() as usize;
         let body = &self.sql[start..];
         let body_effect = effect_of(body, classify(body, options), options);
+        // From the first token to the last: the same text whether the
+        // statement came alone, after a comment or inside a longer string.
+        let begin = self.items.first()?.text.as_ptr() as usize - self.sql.as_ptr() as usize;
         let last = self.items.last()?;
         let end = last.text.as_ptr() as usize + last.text.len() - self.sql.as_ptr() as usize;
         Some(Effect::Prepare {
             name: Bytes::from(name),
-            statement: Bytes::copy_from_slice(&self.sql[..end]),
+            statement: Bytes::copy_from_slice(&self.sql[begin..end]),
             body: Box::new(body_effect),
         })
     }
@@ -494,10 +497,7 @@ impl<'a> Tokens<'a> {
         if v.keyword(b"prepare") && v.items.len() == 2 {
             v = v.skip(1);
         }
-        if v.keyword(b"all") && v.items.len() == 1 {
-            return Some(Effect::Deallocate(None));
-        }
-        v.only_name().map(|name| Effect::Deallocate(Some(name)))
+        v.name_or_all(|v| v.keyword(b"all")).map(Effect::Deallocate)
     }
 
     /// `EXECUTE name [(args)]` or `CREATE TABLE … AS EXECUTE name`.
@@ -514,11 +514,9 @@ impl<'a> Tokens<'a> {
     }
 
     fn unlisten(&self) -> Option<Effect> {
-        let v = self.after(1)?;
-        if v.punct(b'*') && v.items.len() == 1 {
-            return Some(Effect::Unlisten(None));
-        }
-        v.only_name().map(|name| Effect::Unlisten(Some(name)))
+        self.after(1)?
+            .name_or_all(|v| v.punct(b'*'))
+            .map(Effect::Unlisten)
     }
 
     fn discard(&self) -> Option<Effect> {
@@ -568,11 +566,9 @@ impl<'a> Tokens<'a> {
 
     /// `CLOSE {name | ALL}`.
     fn close(&self) -> Option<Effect> {
-        let v = self.after(1)?;
-        if v.keyword(b"all") && v.items.len() == 1 {
-            return Some(Effect::Close(None));
-        }
-        v.only_name().map(|name| Effect::Close(Some(name)))
+        self.after(1)?
+            .name_or_all(|v| v.keyword(b"all"))
+            .map(Effect::Close)
     }
 
     /// `SHOW reprise.name`.
@@ -736,6 +732,14 @@ impl<'t, 'a> View<'t, 'a> {
         }
     }
 
+    /// One name (`Some`), or the one token that means "all" (`None`).
+    fn name_or_all(self, is_all: impl Fn(&Self) -> bool) -> Option<Option<Bytes>> {
+        if self.items.len() == 1 && is_all(&self) {
+            return Some(None);
+        }
+        self.only_name().map(Some)
+    }
+
     fn first_name(self) -> Option<Bytes> {
         self.items
             .first()
@@ -793,17 +797,14 @@ fn flatten(v: View, list_quote: bool, scs: bool) -> Option<Vec<u8>> {
                 (number_value(number.text, false)?, rest)
             }
             [token, rest @ ..] => {
-                let (text, quoted_ident) = match token.kind {
-                    TokenKind::Word => (token.text.to_ascii_lowercase(), false),
-                    TokenKind::QuotedIdent => (identifier(token)?, true),
-                    TokenKind::String | TokenKind::DollarString => {
-                        (string_value(token, scs)?, false)
-                    }
+                let text = match token.kind {
+                    TokenKind::Word => token.text.to_ascii_lowercase(),
+                    TokenKind::QuotedIdent => identifier(token)?,
+                    TokenKind::String | TokenKind::DollarString => string_value(token, scs)?,
                     _ => return None,
                 };
-                let _ = quoted_ident;
                 let text = if list_quote {
-                    quote_list_element(&text)
+                    quote_list_element(&text)?
                 } else {
                     text
                 };
@@ -850,8 +851,8 @@ fn number_value(text: &[u8], negative: bool) -> Option<Vec<u8>> {
 
 /// PostgreSQL's `quote_identifier` for a list element: quoted unless it is
 /// a plain lower-case identifier. (PostgreSQL also quotes reserved words;
-/// the server reads both spellings as the same name.)
-fn quote_list_element(element: &[u8]) -> Vec<u8> {
+/// the server reads both spellings as the same name.) `None` for a NUL.
+fn quote_list_element(element: &[u8]) -> Option<Vec<u8>> {
     let plain = element
         .first()
         .is_some_and(|b| b.is_ascii_lowercase() || *b == b'_')
@@ -859,18 +860,9 @@ fn quote_list_element(element: &[u8]) -> Vec<u8> {
             .iter()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'_');
     if plain {
-        return element.to_vec();
+        return Some(element.to_vec());
     }
-    let mut out = Vec::with_capacity(element.len() + 2);
-    out.push(b'"');
-    for &b in element {
-        if b == b'"' {
-            out.push(b'"');
-        }
-        out.push(b);
-    }
-    out.push(b'"');
-    out
+    quote_identifier(element).ok().map(|quoted| quoted.to_vec())
 }
 
 /// A role name: an identifier or a string constant.
@@ -1407,6 +1399,14 @@ mod tests {
                 name: bytes("s"),
                 statement: bytes("PREPARE s AS SELECT set_config('a.b', 'c', false)"),
                 body: Box::new(set("a.b", "c", false))
+            }
+        );
+        assert_eq!(
+            effect("-- why\n /* how */ PREPARE q AS SELECT 1; -- done"),
+            Effect::Prepare {
+                name: bytes("q"),
+                statement: bytes("PREPARE q AS SELECT 1"),
+                body: Box::new(Effect::None)
             }
         );
         assert_eq!(

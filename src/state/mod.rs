@@ -4,6 +4,7 @@
 pub mod classify;
 pub mod effect;
 pub mod lexer;
+pub mod resync;
 pub mod tracker;
 
 pub use classify::{classify, Class, Kind};

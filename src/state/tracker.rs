@@ -90,6 +90,10 @@ struct Transaction {
     /// LISTEN / UNLISTEN take effect at commit.
     pending_listen: Vec<ListenChange>,
     savepoints: Vec<Savepoint>,
+    /// Characteristics it started with (AND CHAIN), which the server sets
+    /// directly: an abort undoes only what BEGIN or SET TRANSACTION set
+    /// on top of them.
+    chained: TransactionModes,
 }
 
 struct Savepoint {
@@ -106,6 +110,9 @@ struct Snapshot {
     local_settings: BTreeMap<Bytes, Bytes>,
     non_recoverable: crate::template::NonRecoverableSet,
     held_cursors: BTreeSet<Bytes>,
+    /// SET TRANSACTION READ ONLY inside a savepoint is undone by ROLLBACK
+    /// TO, like any SET LOCAL.
+    modes: TransactionModes,
 }
 
 #[derive(Clone, Debug)]
@@ -314,6 +321,7 @@ impl Tracker {
             }
             _ => {}
         }
+        self.take_reported_spelling();
         if self.replay.status != status {
             self.replay.status = status;
             self.hash = None;
@@ -347,7 +355,9 @@ impl Tracker {
         // The server canonicalizes values (`iso` becomes `ISO, MDY`) and
         // functions can change reported GUCs: take its spelling.
         if let Some(local) = self.replay.local_settings.get_mut(&name) {
-            if *local != value {
+            // After SET LOCAL … TO DEFAULT the server reports the default:
+            // the marker already says so.
+            if *local != value && local.as_ref() != LOCAL_DEFAULT {
                 *local = value;
                 self.hash = None;
             }
@@ -363,6 +373,46 @@ impl Tracker {
             None => self.change(|working| {
                 working.settings.insert(name, value);
             }),
+        }
+    }
+
+    /// At ReadyForQuery the server has reported every change of a reported
+    /// GUC, so the value in effect is the last one reported, in the
+    /// server's spelling, even where a SET left it unchanged and nothing
+    /// was reported (`SET TimeZone = 'europe/paris'` while it already is
+    /// `Europe/Paris`).
+    fn take_reported_spelling(&mut self) {
+        let reported = |name: &Bytes, value: &Bytes| {
+            if SERVER_REPORTED.contains(&&name[..]) {
+                return None;
+            }
+            self.reported
+                .get(name)
+                .filter(|reported| *reported != value)
+                .cloned()
+        };
+        let mut locals = Vec::new();
+        for (name, value) in &self.replay.local_settings {
+            if value.as_ref() != LOCAL_DEFAULT && !is_identity_key(name) {
+                if let Some(spelling) = reported(name, value) {
+                    locals.push((name.clone(), spelling));
+                }
+            }
+        }
+        let mut settings = Vec::new();
+        for (name, value) in &self.working.settings {
+            // Masked by a local value, the session value is not in effect.
+            if !self.replay.local_settings.contains_key(name) {
+                if let Some(spelling) = reported(name, value) {
+                    settings.push((name.clone(), spelling));
+                }
+            }
+        }
+        for (name, value) in locals {
+            self.set_local(name, value);
+        }
+        if !settings.is_empty() {
+            self.change(|working| working.settings.extend(settings));
         }
     }
 
@@ -464,6 +514,11 @@ impl Tracker {
             local_settings: self.replay.local_settings.clone(),
             non_recoverable: self.replay.non_recoverable,
             held_cursors: self.held_cursors.clone(),
+            modes: TransactionModes {
+                isolation: self.replay.isolation,
+                read_only: self.replay.read_only,
+                deferrable: self.replay.deferrable,
+            },
         };
         for savepoint in &mut tx.savepoints {
             if savepoint.state.is_none() {
@@ -545,6 +600,9 @@ impl Tracker {
             }
         }
         self.held_cursors = snapshot.held_cursors;
+        self.replay.isolation = snapshot.modes.isolation;
+        self.replay.read_only = snapshot.modes.read_only;
+        self.replay.deferrable = snapshot.modes.deferrable;
         self.hash = None;
     }
 
@@ -595,18 +653,33 @@ impl Tracker {
                 }
             }
             Effect::ResetAll => {
-                let locals: Vec<Bytes> = self
-                    .replay
-                    .local_settings
-                    .keys()
-                    .filter(|name| !is_identity_key(name))
-                    .cloned()
-                    .collect();
+                // RESET ALL skips what is at its default already: after SET
+                // LOCAL … TO DEFAULT the session value comes back at the end
+                // of the transaction.
+                let mut defaults = Vec::new();
+                let mut locals = Vec::new();
+                for (name, value) in &self.replay.local_settings {
+                    if is_identity_key(name) {
+                        continue;
+                    }
+                    if value.as_ref() == LOCAL_DEFAULT {
+                        defaults.push(name.clone());
+                    } else {
+                        locals.push(name.clone());
+                    }
+                }
                 for name in locals {
                     self.remove_local(&name);
                 }
-                if !self.working.settings.is_empty() {
-                    self.change(|working| working.settings.clear());
+                if self
+                    .working
+                    .settings
+                    .keys()
+                    .any(|name| !defaults.contains(name))
+                {
+                    self.change(|working| {
+                        working.settings.retain(|name, _| defaults.contains(name))
+                    });
                 }
             }
             Effect::Role { role, local: true } => self.set_local(
@@ -642,19 +715,17 @@ impl Tracker {
                     });
                 }
             }
-            Effect::TransactionModes(modes) => {
-                if self.tx.as_ref().is_some_and(|tx| tx.explicit) {
-                    self.transaction_modes(*modes);
-                }
-            }
+            // Also in an implicit block, which a later BEGIN may take over
+            // with these characteristics.
+            Effect::TransactionModes(modes) => self.transaction_modes(*modes),
             Effect::Begin(modes) => {
-                let tx = self.tx.get_or_insert_with(|| Transaction::new(true));
-                if !tx.explicit {
-                    // BEGIN inside an implicit block takes over the
-                    // statements before it.
-                    tx.explicit = true;
-                    self.transaction_modes(*modes);
-                }
+                // BEGIN inside an implicit block takes over the statements
+                // before it; inside an explicit one it only warns, but its
+                // modes still apply.
+                self.tx
+                    .get_or_insert_with(|| Transaction::new(true))
+                    .explicit = true;
+                self.transaction_modes(*modes);
             }
             Effect::Commit { chain } => self.finish(true, *chain),
             Effect::Rollback { chain } => self.finish(false, *chain),
@@ -673,6 +744,11 @@ impl Tracker {
             Effect::Release(name) => {
                 if let Some(tx) = &mut self.tx {
                     if let Some(at) = tx.savepoints.iter().rposition(|s| s.name == *name) {
+                        // Ending a subtransaction, even by commit, puts
+                        // back the read-only mode it started with.
+                        if let Some(state) = &tx.savepoints[at].state {
+                            self.replay.read_only = state.modes.read_only;
+                        }
                         tx.savepoints.truncate(at);
                         self.replay.savepoints.truncate(at);
                         self.hash = None;
@@ -713,7 +789,15 @@ impl Tracker {
                 self.queue_listen(ListenChange::Unlisten(channel.clone()))
             }
             Effect::Unlisten(None) => self.queue_listen(ListenChange::UnlistenAll),
-            Effect::Discard(Discard::All) => self.discard_all(),
+            Effect::Discard(Discard::All) => {
+                self.discard_all();
+                // It cannot run in a transaction block, and the server
+                // commits it at once: a later error in the same
+                // extended-protocol batch does not undo it.
+                if self.tx.as_ref().is_some_and(|tx| !tx.explicit) {
+                    self.end_transaction(true);
+                }
+            }
             Effect::Discard(Discard::Temp) => {
                 self.clear_non_recoverable(NonRecoverable::TempObjects)
             }
@@ -723,17 +807,7 @@ impl Tracker {
                 self.held_cursors.insert(name.clone());
                 self.non_recoverable(NonRecoverable::HoldCursors);
             }
-            Effect::Close(name) => {
-                match name {
-                    Some(name) => {
-                        self.held_cursors.remove(name);
-                    }
-                    None => self.held_cursors.clear(),
-                }
-                if self.held_cursors.is_empty() {
-                    self.clear_non_recoverable(NonRecoverable::HoldCursors);
-                }
-            }
+            Effect::Close(name) => self.close_cursors(name.as_ref()),
             Effect::NonRecoverable(kind) => self.non_recoverable(*kind),
             Effect::AdvisoryUnlockAll => self.clear_non_recoverable(NonRecoverable::AdvisoryLocks),
             Effect::Credential => {
@@ -763,6 +837,7 @@ impl Tracker {
     }
 
     fn transaction_modes(&mut self, modes: TransactionModes) {
+        self.before_change();
         let replay = &mut self.replay;
         if modes.isolation.is_some() {
             replay.isolation = modes.isolation;
@@ -780,14 +855,35 @@ impl Tracker {
     /// with the same characteristics.
     fn finish(&mut self, commit: bool, chain: bool) {
         let failed = self.tx.as_ref().is_some_and(|tx| tx.failed);
-        let modes = TransactionModes {
+        let current = TransactionModes {
             isolation: self.replay.isolation,
             read_only: self.replay.read_only,
             deferrable: self.replay.deferrable,
         };
+        let modes = match &self.tx {
+            // An error outside any savepoint aborted the transaction at
+            // once, undoing the characteristics set in it: the chained
+            // transaction starts from what was left.
+            Some(tx) if tx.failed && tx.savepoints.is_empty() => tx.chained,
+            // A rollback (COMMIT of a failed transaction is one) first
+            // unwinds the open savepoints, each putting back the read-only
+            // mode it started with.
+            Some(tx) if !commit || tx.failed => match tx.savepoints.first() {
+                Some(Savepoint {
+                    state: Some(state), ..
+                }) => TransactionModes {
+                    read_only: state.modes.read_only,
+                    ..current
+                },
+                _ => current,
+            },
+            _ => current,
+        };
         self.end_transaction(commit && !failed);
         if chain {
-            self.tx = Some(Transaction::new(true));
+            let mut tx = Transaction::new(true);
+            tx.chained = modes;
+            self.tx = Some(tx);
             self.transaction_modes(modes);
         }
     }
@@ -809,6 +905,31 @@ impl Tracker {
             self.restore(state);
         }
         self.hash = None;
+    }
+
+    /// CLOSE: a rollback does not bring a closed cursor back, so it leaves
+    /// the snapshots too.
+    fn close_cursors(&mut self, name: Option<&Bytes>) {
+        let close = |cursors: &mut BTreeSet<Bytes>| match name {
+            Some(name) => {
+                cursors.remove(name);
+            }
+            None => cursors.clear(),
+        };
+        close(&mut self.held_cursors);
+        if self.held_cursors.is_empty() {
+            self.clear_non_recoverable(NonRecoverable::HoldCursors);
+        }
+        let Some(tx) = &mut self.tx else {
+            return;
+        };
+        let savepoints = tx.savepoints.iter_mut().filter_map(|s| s.state.as_mut());
+        for snapshot in tx.start.iter_mut().chain(savepoints) {
+            close(&mut snapshot.held_cursors);
+            if snapshot.held_cursors.is_empty() {
+                snapshot.non_recoverable.remove(NonRecoverable::HoldCursors);
+            }
+        }
     }
 
     /// DISCARD ALL: back to the startup template, nothing held.
@@ -858,6 +979,7 @@ impl Transaction {
             start: None,
             pending_listen: Vec::new(),
             savepoints: Vec::new(),
+            chained: TransactionModes::default(),
         }
     }
 }
@@ -965,12 +1087,20 @@ mod tests {
 
     #[test]
     fn parameter_status_canonicalizes_and_equal_states_share_a_template() {
+        // As the server answers: CommandComplete, ParameterStatus,
+        // ReadyForQuery.
+        let set_and_report = |t: &mut Tracker, sql: &str| {
+            for effect in t.query_effects(sql.as_bytes()) {
+                t.statement_done(&effect);
+            }
+            t.parameter_status(b"DateStyle", b"German, DMY");
+            t.ready(b'I');
+        };
         let mut a = tracker();
-        run(&mut a, "SET DateStyle = german", b'I');
-        a.parameter_status(b"DateStyle", b"German, DMY");
+        set_and_report(&mut a, "SET DateStyle = german");
         assert_eq!(setting(&a, "datestyle").as_deref(), Some("German, DMY"));
         let mut b = tracker();
-        run(&mut b, "SET datestyle = 'German, DMY'", b'I');
+        set_and_report(&mut b, "SET datestyle = 'German, DMY'");
         assert_eq!(a.template_id(), b.template_id());
         assert_eq!(a.state_hash(), b.state_hash());
     }
@@ -988,6 +1118,150 @@ mod tests {
         assert!(t.ready(b'I').safe);
         run(&mut t, "DO $$ BEGIN END $$", b'I');
         assert!(!t.ready(b'I').safe);
+    }
+
+    #[test]
+    fn chaining_after_an_abort_starts_from_the_defaults() {
+        let mut t = tracker();
+        let fail = |t: &mut Tracker| {
+            t.statement_failed();
+            t.ready(b'E');
+        };
+        run(
+            &mut t,
+            "BEGIN ISOLATION LEVEL SERIALIZABLE, READ ONLY",
+            b'T',
+        );
+        fail(&mut t);
+        run(&mut t, "ROLLBACK AND CHAIN", b'T');
+        assert_eq!(t.replay_state().isolation, None);
+        assert_eq!(t.replay_state().read_only, None);
+        // Inside a savepoint only the subtransaction aborts.
+        run(&mut t, "ROLLBACK; BEGIN READ ONLY; SAVEPOINT a", b'T');
+        fail(&mut t);
+        run(&mut t, "COMMIT AND CHAIN", b'T');
+        assert_eq!(t.replay_state().read_only, Some(true));
+        // What the chain gave, an abort leaves.
+        fail(&mut t);
+        run(&mut t, "ROLLBACK AND CHAIN", b'T');
+        assert_eq!(t.replay_state().read_only, Some(true));
+        // A rollback unwinds the savepoints down to the outermost.
+        let sql = "ROLLBACK; BEGIN; SAVEPOINT b; SET TRANSACTION READ ONLY; SAVEPOINT c";
+        run(&mut t, sql, b'T');
+        fail(&mut t);
+        run(&mut t, "ROLLBACK AND CHAIN", b'T');
+        assert_eq!(t.replay_state().read_only, None);
+        // COMMIT keeps what the savepoints set.
+        run(&mut t, "SAVEPOINT b; SET TRANSACTION READ ONLY", b'T');
+        run(&mut t, "COMMIT AND CHAIN", b'T');
+        assert_eq!(t.replay_state().read_only, Some(true));
+    }
+
+    #[test]
+    fn transaction_modes_follow_savepoints_and_nested_begins() {
+        let mut t = tracker();
+        run(
+            &mut t,
+            "BEGIN; SAVEPOINT a; SET TRANSACTION READ ONLY",
+            b'T',
+        );
+        assert_eq!(t.replay_state().read_only, Some(true));
+        run(&mut t, "ROLLBACK TO a", b'T');
+        assert_eq!(t.replay_state().read_only, None);
+        run(&mut t, "BEGIN READ ONLY", b'T');
+        assert_eq!(t.replay_state().read_only, Some(true));
+        run(&mut t, "ROLLBACK", b'I');
+        run(
+            &mut t,
+            "BEGIN; SAVEPOINT a; SET TRANSACTION READ ONLY",
+            b'T',
+        );
+        run(&mut t, "RELEASE a", b'T');
+        assert_eq!(t.replay_state().read_only, None);
+        run(&mut t, "ROLLBACK", b'I');
+        run(
+            &mut t,
+            "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE; BEGIN",
+            b'T',
+        );
+        assert_eq!(
+            t.replay_state().isolation,
+            Some(crate::template::IsolationLevel::Serializable)
+        );
+    }
+
+    #[test]
+    fn a_reported_default_keeps_the_local_default_marker() {
+        let mut t = tracker();
+        run(&mut t, "BEGIN; SET LOCAL DateStyle TO DEFAULT", b'T');
+        t.parameter_status(b"DateStyle", b"ISO, MDY");
+        assert_eq!(
+            t.replay_state().local_settings.get(&b"datestyle"[..]),
+            Some(&Bytes::from_static(LOCAL_DEFAULT))
+        );
+    }
+
+    #[test]
+    fn reported_gucs_take_the_server_spelling_without_a_report() {
+        let mut t = tracker();
+        run(&mut t, "SET DateStyle = 'German, DMY'", b'I');
+        t.parameter_status(b"DateStyle", b"German, DMY");
+        // Unchanged, so not reported again.
+        run(&mut t, "SET datestyle = german", b'I');
+        assert_eq!(setting(&t, "datestyle").as_deref(), Some("German, DMY"));
+        run(&mut t, "BEGIN; SET LOCAL datestyle = german", b'T');
+        assert_eq!(
+            t.replay_state().local_settings.get(&b"datestyle"[..]),
+            Some(&Bytes::from_static(b"German, DMY"))
+        );
+    }
+
+    #[test]
+    fn discard_all_commits_at_once_in_a_batch() {
+        let mut t = tracker();
+        run(&mut t, "SET a.x = 1", b'I');
+        // Execute DISCARD ALL, Execute SET, Execute failing, Sync.
+        for sql in ["DISCARD ALL", "SET a.y = 2"] {
+            let effect = t.statement_effect(sql.as_bytes());
+            t.statement_done(&effect);
+        }
+        t.statement_failed();
+        t.ready(b'I');
+        assert_eq!(t.template(), t.startup_template().as_ref());
+    }
+
+    #[test]
+    fn a_rollback_does_not_reopen_a_closed_cursor() {
+        let mut t = tracker();
+        run(&mut t, "DECLARE c CURSOR WITH HOLD FOR SELECT 1", b'I');
+        assert!(!t.ready(b'I').safe);
+        run(&mut t, "BEGIN; SAVEPOINT a; CLOSE c", b'T');
+        run(&mut t, "ROLLBACK TO a", b'T');
+        run(&mut t, "ROLLBACK", b'I');
+        assert!(t.ready(b'I').safe);
+        // A cursor declared in a rolled-back transaction is gone too.
+        run(
+            &mut t,
+            "BEGIN; DECLARE d CURSOR WITH HOLD FOR SELECT 1",
+            b'T',
+        );
+        run(&mut t, "ROLLBACK", b'I');
+        assert!(t.ready(b'I').safe);
+    }
+
+    #[test]
+    fn reset_all_skips_what_set_local_put_back_to_its_default() {
+        let mut t = tracker();
+        run(&mut t, "SET a.x = 1; SET a.y = 2", b'I');
+        run(
+            &mut t,
+            "BEGIN; SET LOCAL a.x TO DEFAULT; SET LOCAL a.y = 3",
+            b'T',
+        );
+        run(&mut t, "RESET ALL", b'T');
+        run(&mut t, "COMMIT", b'I');
+        assert_eq!(setting(&t, "a.x").as_deref(), Some("1"));
+        assert_eq!(setting(&t, "a.y"), None);
     }
 
     #[test]

@@ -8,4 +8,5 @@ mod hooks;
 mod lifecycle;
 mod relay;
 mod restore_plan;
+mod state_truth;
 mod support;

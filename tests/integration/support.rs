@@ -197,6 +197,40 @@ impl Message {
     pub fn sqlstate(&self) -> Option<String> {
         self.field(b'C')
     }
+
+    /// The status byte of a ReadyForQuery.
+    pub fn ready_status(&self) -> Option<u8> {
+        if self.tag == b'Z' {
+            self.body.first().copied()
+        } else {
+            None
+        }
+    }
+
+    /// The columns of a DataRow as text, `None` for NULL.
+    pub fn data_row(&self) -> Vec<Option<String>> {
+        let mut body = &self.body[..];
+        let count = body.get_i16();
+        (0..count)
+            .map(|_| {
+                let len = body.get_i32();
+                (len >= 0).then(|| {
+                    let value = String::from_utf8_lossy(&body[..len as usize]).into_owned();
+                    body.advance(len as usize);
+                    value
+                })
+            })
+            .collect()
+    }
+}
+
+/// The DataRows among `messages`, as text.
+pub fn data_rows(messages: &[Message]) -> Vec<Vec<Option<String>>> {
+    messages
+        .iter()
+        .filter(|m| m.tag == b'D')
+        .map(Message::data_row)
+        .collect()
 }
 
 /// A protocol client that sends exactly the bytes it is given.
@@ -232,6 +266,58 @@ pub fn query(sql: &str) -> Vec<u8> {
     frame(b'Q', &body)
 }
 
+fn c_string(body: &mut Vec<u8>, text: &str) {
+    body.extend_from_slice(text.as_bytes());
+    body.push(0);
+}
+
+/// Parse: a statement `name` ("" for the unnamed one) with parameter type
+/// OIDs (0 lets the server infer).
+pub fn parse_message(name: &str, sql: &str, param_types: &[u32]) -> Vec<u8> {
+    let mut body = Vec::new();
+    c_string(&mut body, name);
+    c_string(&mut body, sql);
+    body.extend_from_slice(&(param_types.len() as i16).to_be_bytes());
+    for oid in param_types {
+        body.extend_from_slice(&oid.to_be_bytes());
+    }
+    frame(b'P', &body)
+}
+
+/// Bind: text parameters, text results.
+pub fn bind_message(portal: &str, statement: &str, params: &[&str]) -> Vec<u8> {
+    let mut body = Vec::new();
+    c_string(&mut body, portal);
+    c_string(&mut body, statement);
+    body.extend_from_slice(&0i16.to_be_bytes());
+    body.extend_from_slice(&(params.len() as i16).to_be_bytes());
+    for param in params {
+        body.extend_from_slice(&(param.len() as i32).to_be_bytes());
+        body.extend_from_slice(param.as_bytes());
+    }
+    body.extend_from_slice(&0i16.to_be_bytes());
+    frame(b'B', &body)
+}
+
+/// Execute: all rows when `max_rows` is 0.
+pub fn execute_message(portal: &str, max_rows: i32) -> Vec<u8> {
+    let mut body = Vec::new();
+    c_string(&mut body, portal);
+    body.extend_from_slice(&max_rows.to_be_bytes());
+    frame(b'E', &body)
+}
+
+/// Close of a statement (`b'S'`) or portal (`b'P'`).
+pub fn close_message(kind: u8, name: &str) -> Vec<u8> {
+    let mut body = vec![kind];
+    c_string(&mut body, name);
+    frame(b'C', &body)
+}
+
+pub fn sync_message() -> Vec<u8> {
+    frame(b'S', b"")
+}
+
 impl RawClient {
     pub async fn connect(address: SocketAddr) -> RawClient {
         RawClient {
@@ -243,13 +329,16 @@ impl RawClient {
     /// Connects and completes startup as `postgres`; returns the messages
     /// up to and including the first ReadyForQuery.
     pub async fn login(address: SocketAddr) -> (RawClient, Vec<Message>) {
+        RawClient::login_with(address, &[("user", "postgres"), ("database", "postgres")]).await
+    }
+
+    /// Connects and completes startup with `params` (protocol 3.0).
+    pub async fn login_with(
+        address: SocketAddr,
+        params: &[(&str, &str)],
+    ) -> (RawClient, Vec<Message>) {
         let mut client = RawClient::connect(address).await;
-        client
-            .send(&startup_packet(
-                196_608,
-                &[("user", "postgres"), ("database", "postgres")],
-            ))
-            .await;
+        client.send(&startup_packet(196_608, params)).await;
         let greeting = client.until_ready().await;
         (client, greeting)
     }

@@ -1,0 +1,239 @@
+//! Reading a session's state back from the server.
+//!
+//! When the tracker cannot vouch for a session's state (a statement it
+//! could not classify, a DROP that may have dropped the last temporary
+//! table, an advisory unlock), Reprise asks the server at the session's
+//! next idle boundary, with one query of its own whose answer the client
+//! never sees, and rebuilds the template from the answer. That is what
+//! makes "non-recoverable until the next safe point" hold.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use bytes::{Bytes, BytesMut};
+
+use crate::template::{PreparedOrigin, PreparedStatement};
+use crate::wire::frame;
+
+/// One query: (kind, name, value, extra) rows, all text.
+const PROBE: &str = "\
+SELECT 'setting', name, current_setting(name), NULL FROM pg_catalog.pg_settings \
+ WHERE source = 'session' AND name NOT IN ('role', 'session_authorization', \
+ 'transaction_isolation', 'transaction_read_only', 'transaction_deferrable') \
+UNION ALL SELECT 'role', NULL, pg_catalog.current_setting('role'), NULL \
+UNION ALL SELECT 'session_user', NULL, session_user::text, NULL \
+UNION ALL SELECT CASE WHEN from_sql THEN 'prepared_sql' ELSE 'prepared_protocol' END, name, \
+ statement, pg_catalog.array_to_string(parameter_types::oid[], ',') \
+ FROM pg_catalog.pg_prepared_statements WHERE name <> $1 \
+UNION ALL SELECT 'listen', c, NULL, NULL FROM pg_catalog.pg_listening_channels() c \
+UNION ALL SELECT 'temp', NULL, count(*)::text, NULL FROM pg_catalog.pg_class \
+ WHERE relnamespace = pg_catalog.pg_my_temp_schema() \
+UNION ALL SELECT 'hold_cursor', name, NULL, NULL FROM pg_catalog.pg_cursors WHERE is_holdable \
+UNION ALL SELECT 'advisory', NULL, count(*)::text, NULL FROM pg_catalog.pg_locks \
+ WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid()";
+
+/// The session state as the server reports it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServerTruth {
+    pub settings: BTreeMap<Bytes, Bytes>,
+    /// `None` when no role is set.
+    pub role: Option<Bytes>,
+    pub session_user: Bytes,
+    pub prepared: BTreeMap<Bytes, PreparedStatement>,
+    pub listening: BTreeSet<Bytes>,
+    pub temp_objects: bool,
+    pub hold_cursors: BTreeSet<Bytes>,
+    pub advisory_locks: bool,
+}
+
+/// Writes the probe as an extended-protocol batch under the statement name
+/// `name` (one the session does not use): Parse, Bind to the unnamed
+/// portal, Execute, Close, Sync. A named statement leaves the client's
+/// unnamed one alone, which a simple Query would drop.
+pub fn write_probe(out: &mut BytesMut, name: &[u8]) {
+    frame::write_frame(out, Some(b'P'), |body| {
+        body.extend_from_slice(name);
+        body.extend_from_slice(&[0]);
+        body.extend_from_slice(PROBE.as_bytes());
+        body.extend_from_slice(&[0, 0, 1, 0, 0, 0, 25]);
+    });
+    frame::write_frame(out, Some(b'B'), |body| {
+        body.extend_from_slice(&[0]);
+        body.extend_from_slice(name);
+        body.extend_from_slice(&[0]);
+        // No parameter formats (text), one parameter, no result formats.
+        body.extend_from_slice(&[0, 0, 0, 1]);
+        let len = i32::try_from(name.len()).unwrap_or(i32::MAX);
+        body.extend_from_slice(&len.to_be_bytes());
+        body.extend_from_slice(name);
+        body.extend_from_slice(&[0, 0]);
+    });
+    frame::write_frame(out, Some(b'E'), |body| {
+        body.extend_from_slice(&[0, 0, 0, 0, 0]);
+    });
+    frame::write_frame(out, Some(b'C'), |body| {
+        body.extend_from_slice(b"S");
+        body.extend_from_slice(name);
+        body.extend_from_slice(&[0]);
+    });
+    frame::write_frame(out, Some(b'S'), |_| {});
+}
+
+impl ServerTruth {
+    /// Adds one DataRow of the probe's answer; `None` if it is not one.
+    pub fn add_row(&mut self, message: &[u8]) -> Option<()> {
+        let mut fields = data_row_fields(message)?.into_iter();
+        let kind = fields.next()??;
+        let name = fields.next()?;
+        let value = fields.next()?;
+        let extra = fields.next()?;
+        let text = |field: Option<&[u8]>| field.map(Bytes::copy_from_slice);
+        match kind {
+            b"setting" => {
+                self.settings.insert(text(name)?, text(value)?);
+            }
+            b"role" => {
+                let role = text(value)?;
+                self.role = (role.as_ref() != b"none").then_some(role);
+            }
+            b"session_user" => self.session_user = text(value)?,
+            b"prepared_sql" | b"prepared_protocol" => {
+                let protocol = kind == b"prepared_protocol";
+                let param_types = if protocol {
+                    parse_oids(extra.unwrap_or_default())?
+                } else {
+                    Vec::new()
+                };
+                self.prepared.insert(
+                    text(name)?,
+                    PreparedStatement {
+                        origin: if protocol {
+                            PreparedOrigin::Protocol
+                        } else {
+                            PreparedOrigin::Sql
+                        },
+                        query: text(value)?,
+                        param_types,
+                    },
+                );
+            }
+            b"listen" => {
+                self.listening.insert(text(name)?);
+            }
+            b"temp" => self.temp_objects = value? != b"0",
+            b"hold_cursor" => {
+                self.hold_cursors.insert(text(name)?);
+            }
+            b"advisory" => self.advisory_locks = value? != b"0",
+            _ => return None,
+        }
+        Some(())
+    }
+}
+
+fn parse_oids(text: &[u8]) -> Option<Vec<u32>> {
+    if text.is_empty() {
+        return Some(Vec::new());
+    }
+    std::str::from_utf8(text)
+        .ok()?
+        .split(',')
+        .map(|oid| oid.parse().ok())
+        .collect()
+}
+
+/// The fields of a DataRow frame; `None` inside for SQL NULL.
+fn data_row_fields(message: &[u8]) -> Option<Vec<Option<&[u8]>>> {
+    let mut rest = message.get(frame::HEADER_LEN..)?;
+    let count = u16::from_be_bytes([*rest.first()?, *rest.get(1)?]);
+    rest = &rest[2..];
+    let mut fields = Vec::with_capacity(usize::from(count));
+    for _ in 0..count {
+        let len = i32::from_be_bytes(rest.get(..4)?.try_into().ok()?);
+        rest = &rest[4..];
+        if len < 0 {
+            fields.push(None);
+        } else {
+            let len = usize::try_from(len).ok()?;
+            fields.push(Some(rest.get(..len)?));
+            rest = &rest[len..];
+        }
+    }
+    Some(fields)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(values: &[Option<&str>]) -> Vec<u8> {
+        let mut out = BytesMut::new();
+        frame::write_frame(&mut out, Some(b'D'), |body| {
+            body.extend_from_slice(&(values.len() as u16).to_be_bytes());
+            for value in values {
+                match value {
+                    Some(text) => {
+                        body.extend_from_slice(&(text.len() as i32).to_be_bytes());
+                        body.extend_from_slice(text.as_bytes());
+                    }
+                    None => body.extend_from_slice(&(-1i32).to_be_bytes()),
+                }
+            }
+        });
+        out.to_vec()
+    }
+
+    #[test]
+    fn rows_build_the_truth() {
+        let mut truth = ServerTruth::default();
+        for values in [
+            [Some("setting"), Some("work_mem"), Some("8MB"), None],
+            [Some("role"), None, Some("none"), None],
+            [Some("session_user"), None, Some("app"), None],
+            [
+                Some("prepared_protocol"),
+                Some("s1"),
+                Some("SELECT $1"),
+                Some("23"),
+            ],
+            [
+                Some("prepared_sql"),
+                Some("p"),
+                Some("PREPARE p AS SELECT 1"),
+                Some(""),
+            ],
+            [Some("listen"), Some("jobs"), None, None],
+            [Some("temp"), None, Some("0"), None],
+            [Some("advisory"), None, Some("2"), None],
+        ] {
+            truth.add_row(&row(&values)).expect("a probe row");
+        }
+        assert_eq!(truth.settings.len(), 1);
+        assert_eq!(truth.role, None);
+        assert_eq!(truth.session_user.as_ref(), b"app");
+        assert_eq!(truth.prepared[&b"s1"[..]].param_types, vec![23]);
+        assert_eq!(truth.prepared[&b"p"[..]].origin, PreparedOrigin::Sql);
+        assert!(truth.listening.contains(&b"jobs"[..]));
+        assert!(!truth.temp_objects);
+        assert!(truth.advisory_locks);
+        assert_eq!(
+            truth.add_row(&row(&[Some("bogus"), None, None, None])),
+            None
+        );
+    }
+
+    #[test]
+    fn the_probe_is_a_whole_extended_batch() {
+        let mut out = BytesMut::new();
+        write_probe(&mut out, b"reprise.probe");
+        let mut tags = Vec::new();
+        let mut rest = &out[..];
+        while let Ok(frame::Next::Frame { tag, len }) = frame::next(rest, usize::MAX) {
+            let kind = crate::wire::frontend::check(&rest[..len]).expect("a valid frame");
+            assert!(kind.is_extended() || kind.ends_request());
+            tags.push(tag);
+            rest = &rest[len..];
+        }
+        assert!(rest.is_empty());
+        assert_eq!(tags, b"PBECS".to_vec());
+    }
+}
