@@ -196,6 +196,11 @@ pub struct Config {
     /// reprise.template`); off makes Reprise a plain relay. Applies to
     /// sessions that start after a reload.
     pub session_tracking: bool,
+    /// Read a session's state back from the server (one query of
+    /// Reprise's own at an idle boundary) when the tracker cannot vouch
+    /// for it, instead of leaving the session non-recoverable until DISCARD
+    /// ALL.
+    pub state_probe: bool,
     #[serde(rename = "backend")]
     pub backends: Vec<Backend>,
 }
@@ -217,6 +222,7 @@ impl Default for Config {
             tcp_keepalive: Keepalive::default(),
             max_open_files: 65_536,
             session_tracking: true,
+            state_probe: true,
             backends: Vec::new(),
         }
     }

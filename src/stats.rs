@@ -61,4 +61,8 @@ counters! {
     template_switch_failures,
     /// Statements about Reprise itself answered by Reprise.
     reprise_statements,
+    /// Times Reprise read a session's state back from the server.
+    state_probes,
+    /// State probes the server refused; the session's probes stop.
+    state_probe_failures,
 }

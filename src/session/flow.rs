@@ -15,6 +15,7 @@ use bytes::{Bytes, BytesMut};
 
 use crate::proxy::Shared;
 use crate::state::effect::{isolation_name, Discard};
+use crate::state::resync::{self, ServerTruth};
 use crate::state::tracker::LOCAL_DEFAULT;
 use crate::state::{Effect, RepriseCommand, Tracker};
 use crate::template::{
@@ -99,6 +100,15 @@ enum Pending {
     /// A request that fails on purpose, so that the server abandons the
     /// rest of an extended batch as PostgreSQL would after an error.
     Abort,
+    /// Reprise's own reading of the session state (see
+    /// [`resync`](crate::state::resync)).
+    Probe(Probe),
+}
+
+#[derive(Debug, Default)]
+struct Probe {
+    truth: ServerTruth,
+    failed: bool,
 }
 
 #[derive(Debug)]
@@ -134,6 +144,9 @@ pub struct Flow {
     shared: Arc<Shared>,
     /// Off: a plain relay that only finds boundaries.
     tracking: bool,
+    /// Read the state back from the server when the tracker cannot vouch
+    /// for it; off after a probe fails.
+    probes: bool,
     queue: VecDeque<Pending>,
     /// Requests in flight when tracking is off.
     awaiting_ready: u32,
@@ -157,11 +170,18 @@ pub struct Flow {
 }
 
 impl Flow {
-    pub fn new(tracker: Tracker, shared: Arc<Shared>, tracking: bool, status: u8) -> Self {
+    pub fn new(
+        tracker: Tracker,
+        shared: Arc<Shared>,
+        tracking: bool,
+        probes: bool,
+        status: u8,
+    ) -> Self {
         Flow {
             tracker,
             shared,
             tracking,
+            probes,
             queue: VecDeque::new(),
             awaiting_ready: 0,
             status,
@@ -494,12 +514,7 @@ impl Flow {
         let mut out = BytesMut::new();
         reply::error(&mut out, Severity::Error, code, message, None);
         self.queue.push_back(Pending::Local(Answer::Bytes(out)));
-        let mut name = b"reprise.abort".to_vec();
-        while self.statements.contains_key(&name[..])
-            || self.tracker.template().prepared.contains_key(&name[..])
-        {
-            name.push(b'_');
-        }
+        let name = self.unused_statement_name(b"reprise.abort");
         frame::write_frame(&mut self.to_server, Some(b'D'), |body| {
             body.extend_from_slice(b"S");
             body.extend_from_slice(&name);
@@ -508,6 +523,108 @@ impl Flow {
         self.queue.push_back(Pending::Abort);
         self.skip_to_sync = true;
         self.drain_local();
+    }
+
+    /// A statement name the session does not use, for Reprise's own.
+    fn unused_statement_name(&self, base: &[u8]) -> Vec<u8> {
+        let mut name = base.to_vec();
+        while self.statements.contains_key(&name[..])
+            || self.tracker.template().prepared.contains_key(&name[..])
+        {
+            name.push(b'_');
+        }
+        name
+    }
+
+    /// Sends a probe of the session state if the tracker wants one and
+    /// the session is idle with nothing in flight.
+    fn maybe_probe(&mut self) {
+        let in_flight = self
+            .queue
+            .iter()
+            .any(|pending| !matches!(pending, Pending::Local(_)));
+        if !self.probes
+            || in_flight
+            || self.unsynced
+            || self.status != b'I'
+            || !self.tracker.wants_probe()
+        {
+            return;
+        }
+        let name = self.unused_statement_name(b"reprise.probe");
+        resync::write_probe(&mut self.to_server, &name, self.tracker.probe_names());
+        self.queue.push_back(Pending::Probe(Probe::default()));
+        self.shared.stats.state_probes.inc();
+    }
+
+    /// Answers to a probe: consumed, except what the server sends on its
+    /// own (notifications, notices, parameter changes).
+    fn probe_frame(&mut self, tag: u8, message: &[u8]) -> ServerStep {
+        let Some(Pending::Probe(probe)) = self.queue.front_mut() else {
+            return ServerStep::Forward;
+        };
+        match tag {
+            b'E' if server_msg::error_summary(message).is_fatal() => return ServerStep::Forward,
+            b'E' => {
+                tracing::warn!(
+                    error = ?server_msg::error_summary(message),
+                    "the server refused Reprise's reading of the session state"
+                );
+                probe.failed = true;
+            }
+            b'D' if probe.truth.add_row(message).is_none() => probe.failed = true,
+            b'A' | b'N' => return ServerStep::Forward,
+            b'Z' => {
+                if let Some(Pending::Probe(probe)) = self.queue.pop_front() {
+                    self.finish_probe(probe);
+                }
+            }
+            _ => {}
+        }
+        ServerStep::Consume
+    }
+
+    fn finish_probe(&mut self, probe: Probe) {
+        if probe.failed {
+            // The session stays non-recoverable until DISCARD ALL.
+            self.probes = false;
+            self.shared.stats.state_probe_failures.inc();
+        } else {
+            let before = self.tracker.template().clone();
+            let ready = self.tracker.resync(probe.truth);
+            self.follow_prepared(&before);
+            if ready.safe {
+                // The server's state now is its state at the last
+                // boundary: whatever the client sent since runs after.
+                self.shared.stats.safe_points.inc();
+                self.events.push(StateEvent::SafePoint {
+                    template: ready.template,
+                    state_hash: ready.state_hash,
+                });
+            }
+        }
+        self.drain_local();
+    }
+
+    /// Points protocol statement names at what the tracker's template now
+    /// holds, after it moved from `before`.
+    fn follow_prepared(&mut self, before: &Template) {
+        let now = self.tracker.template();
+        for (name, statement) in &before.prepared {
+            if statement.origin == PreparedOrigin::Protocol && !now.prepared.contains_key(name) {
+                self.statements.remove(name);
+            }
+        }
+        for (name, statement) in &now.prepared {
+            if statement.origin == PreparedOrigin::Protocol {
+                let effect = self
+                    .tracker
+                    .prepared_effect(name)
+                    .cloned()
+                    .unwrap_or(Effect::Unknown);
+                self.statements.insert(name.clone(), Target::Server(effect));
+            }
+        }
     }
 
     /// `SET reprise.template` / `RESET reprise.template`, with nothing in
@@ -588,18 +705,9 @@ impl Flow {
     }
 
     fn finish_switch(&mut self, target: Template, with_ready: bool) {
-        for (name, statement) in &self.tracker.template().prepared {
-            if statement.origin == PreparedOrigin::Protocol && !target.prepared.contains_key(name) {
-                self.statements.remove(name);
-            }
-        }
-        for (name, statement) in &target.prepared {
-            if statement.origin == PreparedOrigin::Protocol {
-                let effect = self.tracker.statement_effect(&statement.query);
-                self.statements.insert(name.clone(), Target::Server(effect));
-            }
-        }
+        let before = self.tracker.template().clone();
         self.tracker.switch_to(target);
+        self.follow_prepared(&before);
         let mut out = BytesMut::new();
         reply::command_complete(&mut out, "SET");
         self.queue.push_front(Pending::Local(Answer::Bytes(out)));
@@ -811,8 +919,10 @@ impl Flow {
             }
             return ServerStep::Forward;
         }
-        if matches!(self.queue.front(), Some(Pending::Switch(_))) {
-            return self.switch_frame(tag, message);
+        match self.queue.front() {
+            Some(Pending::Switch(_)) => return self.switch_frame(tag, message),
+            Some(Pending::Probe(_)) => return self.probe_frame(tag, message),
+            _ => {}
         }
         match tag {
             b'Z' => {
@@ -958,7 +1068,7 @@ impl Flow {
                         None => self.finish_switch(switch.target, switch.with_ready),
                         Some(error) => {
                             // Part of the plan may have run: the state is
-                            // known again only at the next DISCARD ALL.
+                            // known again once read back from the server.
                             self.tracker.mark_unknown();
                             self.shared.stats.template_switch_failures.inc();
                             let mut out = BytesMut::from(&error[..]);
@@ -969,6 +1079,7 @@ impl Flow {
                             }
                             self.queue.push_front(Pending::Local(Answer::Bytes(out)));
                             self.drain_local();
+                            self.maybe_probe();
                         }
                     }
                 }
@@ -1018,6 +1129,7 @@ impl Flow {
                 state_hash: ready.state_hash,
             });
         }
+        self.maybe_probe();
     }
 
     /// The transaction status as the client last learnt it.

@@ -170,6 +170,7 @@ where
             tracker,
             Arc::clone(&shared),
             config.session_tracking,
+            config.state_probe,
             status,
         );
 

@@ -92,6 +92,11 @@ pub enum Effect {
     Close(Option<Bytes>),
     /// State no template can hold.
     NonRecoverable(NonRecoverable),
+    /// `set_config('app.x', $1, …)`: a custom setting whose value only
+    /// the server knows.
+    SetUnknown(Bytes),
+    /// `DROP …`, which may drop the last temporary object.
+    Drop,
     /// `pg_advisory_unlock_all()`.
     AdvisoryUnlockAll,
     /// Changes no session state but carries a credential: never journaled.
@@ -165,8 +170,8 @@ pub fn effect_of(statement: &[u8], class: Class, options: &LexOptions) -> Effect
         | Kind::CommitPrepared
         | Kind::RollbackPrepared
         | Kind::FetchOrMove
-        | Kind::Copy
-        | Kind::Drop => Some(Effect::None),
+        | Kind::Copy => Some(Effect::None),
+        Kind::Drop => Some(Effect::Drop),
         Kind::SetConfigCall | Kind::AdvisoryLock => function_calls(statement, options),
         Kind::Prepare => tokens.prepare(options),
         Kind::Deallocate => tokens.deallocate(),
@@ -1076,26 +1081,34 @@ fn call_effect(expr: &Expr) -> Option<Effect> {
     if list.duplicate_treatment.is_some() || !list.clauses.is_empty() {
         return None;
     }
-    let args: Vec<&Value> = list
+    // Constant arguments; `None` for any other expression.
+    let constants: Vec<Option<&Value>> = list
         .args
         .iter()
         .map(|arg| match arg {
             FunctionArg::Unnamed(FunctionArgExpr::Expr(Expr::Value(value))) => Some(&value.value),
             _ => None,
         })
-        .collect::<Option<_>>()?;
+        .collect();
+    if name == "set_config" {
+        let [Some(name), value, local] = constants.as_slice() else {
+            return None;
+        };
+        let name = literal_string(name)?.to_ascii_lowercase();
+        return match (value.and_then(literal_string), local) {
+            (Some(value), Some(Value::Boolean(local))) => {
+                set_config_effect(name.into_bytes(), value.as_bytes(), *local)
+            }
+            // A value bound at run time (`$1`): only the server knows it,
+            // and only a custom setting must be asked for by name.
+            _ if name.contains('.') && !name.starts_with("reprise.") => {
+                Some(Effect::SetUnknown(Bytes::from(name)))
+            }
+            _ => None,
+        };
+    }
+    let args: Vec<&Value> = constants.into_iter().collect::<Option<_>>()?;
     match name {
-        "set_config" => {
-            let [name, value, local] = args.as_slice() else {
-                return None;
-            };
-            let name = literal_string(name)?.to_ascii_lowercase();
-            let value = literal_string(value)?;
-            let Value::Boolean(local) = local else {
-                return None;
-            };
-            set_config_effect(name.into_bytes(), value.as_bytes(), *local)
-        }
         "pg_advisory_unlock_all" if args.is_empty() => Some(Effect::AdvisoryUnlockAll),
         "pg_advisory_lock"
         | "pg_advisory_lock_shared"
@@ -1318,6 +1331,10 @@ mod tests {
         );
         assert_eq!(
             effect("SELECT set_config('x.a', $1, false)"),
+            Effect::SetUnknown(bytes("x.a"))
+        );
+        assert_eq!(
+            effect("SELECT set_config('work_mem', $1, false)"),
             Effect::Unknown
         );
         assert_eq!(
@@ -1337,6 +1354,16 @@ mod tests {
             Effect::AdvisoryUnlockAll
         );
         assert_eq!(effect("SELECT pg_advisory_unlock(1)"), Effect::Unknown);
+        assert_eq!(
+            effect("SELECT set_config('App.Tenant', $1, false)"),
+            Effect::SetUnknown(bytes("app.tenant"))
+        );
+        assert_eq!(
+            effect("SELECT pg_catalog.set_config('app.tenant', $1::text, $2)"),
+            Effect::SetUnknown(bytes("app.tenant"))
+        );
+        assert_eq!(effect("SELECT set_config($1, 'x', false)"), Effect::Unknown);
+        assert_eq!(effect("DROP TABLE pg_temp.t"), Effect::Drop);
     }
 
     #[test]

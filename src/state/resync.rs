@@ -11,30 +11,48 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::{Bytes, BytesMut};
 
-use crate::template::{PreparedOrigin, PreparedStatement};
+use crate::template::{fold_guc_name, PreparedOrigin, PreparedStatement};
 use crate::wire::frame;
 
-/// One query: (kind, name, value, extra) rows, all text.
+/// One query: (kind, name, value, extra) rows, all text. `$1` is the
+/// probe's own statement name, `$2` the custom settings (placeholders such
+/// as `app.tenant`, which pg_settings does not list) the tracker knows of.
+/// Everything is schema-qualified: the session's search_path is the
+/// client's to choose.
 const PROBE: &str = "\
-SELECT 'setting', name, current_setting(name), NULL FROM pg_catalog.pg_settings \
- WHERE source = 'session' AND name NOT IN ('role', 'session_authorization', \
- 'transaction_isolation', 'transaction_read_only', 'transaction_deferrable') \
+SELECT 'setting', name, pg_catalog.current_setting(name), NULL FROM pg_catalog.pg_settings \
+ WHERE source OPERATOR(pg_catalog.=) 'session' AND name OPERATOR(pg_catalog.<>) ALL \
+ ('{role,session_authorization,transaction_isolation,transaction_read_only,transaction_deferrable}'::pg_catalog.text[]) \
+UNION ALL SELECT 'custom', n, pg_catalog.current_setting(n, true), NULL \
+ FROM pg_catalog.unnest($2::pg_catalog.text[]) n \
+ WHERE n OPERATOR(pg_catalog.<>) ALL (ARRAY(SELECT pg_catalog.lower(name) FROM pg_catalog.pg_settings)) \
 UNION ALL SELECT 'role', NULL, pg_catalog.current_setting('role'), NULL \
-UNION ALL SELECT 'session_user', NULL, session_user::text, NULL \
+UNION ALL SELECT 'session_user', NULL, session_user::pg_catalog.text, NULL \
 UNION ALL SELECT CASE WHEN from_sql THEN 'prepared_sql' ELSE 'prepared_protocol' END, name, \
- statement, pg_catalog.array_to_string(parameter_types::oid[], ',') \
- FROM pg_catalog.pg_prepared_statements WHERE name <> $1 \
+ statement, pg_catalog.array_to_string(parameter_types::pg_catalog.oid[], ',') \
+ FROM pg_catalog.pg_prepared_statements WHERE name OPERATOR(pg_catalog.<>) $1 \
 UNION ALL SELECT 'listen', c, NULL, NULL FROM pg_catalog.pg_listening_channels() c \
-UNION ALL SELECT 'temp', NULL, count(*)::text, NULL FROM pg_catalog.pg_class \
- WHERE relnamespace = pg_catalog.pg_my_temp_schema() \
+UNION ALL SELECT 'temp', NULL, ((SELECT pg_catalog.count(*) FROM pg_catalog.pg_class \
+ WHERE relnamespace OPERATOR(pg_catalog.=) pg_catalog.pg_my_temp_schema()) \
+ OPERATOR(pg_catalog.+) (SELECT pg_catalog.count(*) FROM pg_catalog.pg_proc \
+ WHERE pronamespace OPERATOR(pg_catalog.=) pg_catalog.pg_my_temp_schema()) \
+ OPERATOR(pg_catalog.+) (SELECT pg_catalog.count(*) FROM pg_catalog.pg_type \
+ WHERE typnamespace OPERATOR(pg_catalog.=) pg_catalog.pg_my_temp_schema()))::pg_catalog.text, NULL \
 UNION ALL SELECT 'hold_cursor', name, NULL, NULL FROM pg_catalog.pg_cursors WHERE is_holdable \
-UNION ALL SELECT 'advisory', NULL, count(*)::text, NULL FROM pg_catalog.pg_locks \
- WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid()";
+UNION ALL SELECT 'advisory', NULL, pg_catalog.count(*)::pg_catalog.text, NULL FROM pg_catalog.pg_locks \
+ WHERE locktype OPERATOR(pg_catalog.=) 'advisory' AND pid OPERATOR(pg_catalog.=) pg_catalog.pg_backend_pid()";
+
+/// OID of `text[]`, the type of the probe's second parameter.
+const TEXT_ARRAY_OID: u32 = 1009;
 
 /// The session state as the server reports it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServerTruth {
+    /// Settings whose source is the session.
     pub settings: BTreeMap<Bytes, Bytes>,
+    /// Custom settings asked about by name; `None` when the server has
+    /// never heard of one.
+    pub custom: BTreeMap<Bytes, Option<Bytes>>,
     /// `None` when no role is set.
     pub role: Option<Bytes>,
     pub session_user: Bytes,
@@ -48,23 +66,32 @@ pub struct ServerTruth {
 /// Writes the probe as an extended-protocol batch under the statement name
 /// `name` (one the session does not use): Parse, Bind to the unnamed
 /// portal, Execute, Close, Sync. A named statement leaves the client's
-/// unnamed one alone, which a simple Query would drop.
-pub fn write_probe(out: &mut BytesMut, name: &[u8]) {
+/// unnamed one alone, which a simple Query would drop. `custom` are the
+/// custom settings to ask about by name.
+pub fn write_probe<'a>(
+    out: &mut BytesMut,
+    name: &[u8],
+    custom: impl IntoIterator<Item = &'a [u8]>,
+) {
     frame::write_frame(out, Some(b'P'), |body| {
         body.extend_from_slice(name);
         body.extend_from_slice(&[0]);
         body.extend_from_slice(PROBE.as_bytes());
-        body.extend_from_slice(&[0, 0, 1, 0, 0, 0, 25]);
+        body.extend_from_slice(&[0, 0, 2, 0, 0, 0, 25]);
+        body.extend_from_slice(&TEXT_ARRAY_OID.to_be_bytes());
     });
+    let names = text_array(custom);
     frame::write_frame(out, Some(b'B'), |body| {
         body.extend_from_slice(&[0]);
         body.extend_from_slice(name);
         body.extend_from_slice(&[0]);
-        // No parameter formats (text), one parameter, no result formats.
-        body.extend_from_slice(&[0, 0, 0, 1]);
-        let len = i32::try_from(name.len()).unwrap_or(i32::MAX);
-        body.extend_from_slice(&len.to_be_bytes());
-        body.extend_from_slice(name);
+        // No parameter formats (text), two parameters, no result formats.
+        body.extend_from_slice(&[0, 0, 0, 2]);
+        for value in [name, &names[..]] {
+            let len = i32::try_from(value.len()).unwrap_or(i32::MAX);
+            body.extend_from_slice(&len.to_be_bytes());
+            body.extend_from_slice(value);
+        }
         body.extend_from_slice(&[0, 0]);
     });
     frame::write_frame(out, Some(b'E'), |body| {
@@ -78,6 +105,27 @@ pub fn write_probe(out: &mut BytesMut, name: &[u8]) {
     frame::write_frame(out, Some(b'S'), |_| {});
 }
 
+/// A `text[]` literal: every element double-quoted, with `"` and `\`
+/// escaped, so that no name can break out of its element.
+fn text_array<'a>(items: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
+    let mut out = vec![b'{'];
+    for (i, item) in items.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.push(b'"');
+        for &byte in item {
+            if byte == b'"' || byte == b'\\' {
+                out.push(b'\\');
+            }
+            out.push(byte);
+        }
+        out.push(b'"');
+    }
+    out.push(b'}');
+    out
+}
+
 impl ServerTruth {
     /// Adds one DataRow of the probe's answer; `None` if it is not one.
     pub fn add_row(&mut self, message: &[u8]) -> Option<()> {
@@ -89,7 +137,11 @@ impl ServerTruth {
         let text = |field: Option<&[u8]>| field.map(Bytes::copy_from_slice);
         match kind {
             b"setting" => {
-                self.settings.insert(text(name)?, text(value)?);
+                // pg_settings spells some names in mixed case (TimeZone).
+                self.settings.insert(fold_guc_name(name?), text(value)?);
+            }
+            b"custom" => {
+                self.custom.insert(text(name)?, text(value));
             }
             b"role" => {
                 let role = text(value)?;
@@ -186,7 +238,7 @@ mod tests {
     fn rows_build_the_truth() {
         let mut truth = ServerTruth::default();
         for values in [
-            [Some("setting"), Some("work_mem"), Some("8MB"), None],
+            [Some("setting"), Some("TimeZone"), Some("UTC"), None],
             [Some("role"), None, Some("none"), None],
             [Some("session_user"), None, Some("app"), None],
             [
@@ -203,11 +255,13 @@ mod tests {
             ],
             [Some("listen"), Some("jobs"), None, None],
             [Some("temp"), None, Some("0"), None],
+            [Some("custom"), Some("app.tenant"), Some("42"), None],
+            [Some("custom"), Some("app.user"), None, None],
             [Some("advisory"), None, Some("2"), None],
         ] {
             truth.add_row(&row(&values)).expect("a probe row");
         }
-        assert_eq!(truth.settings.len(), 1);
+        assert_eq!(truth.settings[&b"timezone"[..]].as_ref(), b"UTC");
         assert_eq!(truth.role, None);
         assert_eq!(truth.session_user.as_ref(), b"app");
         assert_eq!(truth.prepared[&b"s1"[..]].param_types, vec![23]);
@@ -216,15 +270,29 @@ mod tests {
         assert!(!truth.temp_objects);
         assert!(truth.advisory_locks);
         assert_eq!(
+            truth.custom[&b"app.tenant"[..]].as_deref(),
+            Some(&b"42"[..])
+        );
+        assert_eq!(truth.custom[&b"app.user"[..]], None);
+        assert_eq!(
             truth.add_row(&row(&[Some("bogus"), None, None, None])),
             None
         );
     }
 
     #[test]
+    fn names_cannot_break_out_of_the_array() {
+        assert_eq!(
+            text_array([&b"a.b"[..], b"x\"},\\y"]),
+            br#"{"a.b","x\"},\\y"}"#.to_vec()
+        );
+        assert_eq!(text_array(std::iter::empty()), b"{}".to_vec());
+    }
+
+    #[test]
     fn the_probe_is_a_whole_extended_batch() {
         let mut out = BytesMut::new();
-        write_probe(&mut out, b"reprise.probe");
+        write_probe(&mut out, b"reprise.probe", [&b"app.tenant"[..]]);
         let mut tags = Vec::new();
         let mut rest = &out[..];
         while let Ok(frame::Next::Frame { tag, len }) = frame::next(rest, usize::MAX) {

@@ -21,6 +21,7 @@ use bytes::Bytes;
 use super::classify::{classify, Class};
 use super::effect::{effect_of, Discard, Effect, TransactionModes};
 use super::lexer::{split_statements, LexOptions};
+use super::resync::ServerTruth;
 use crate::stats::Stats;
 use crate::template::{
     fold_guc_name, state_hash, NonRecoverable, PreparedOrigin, PreparedStatement, Registry,
@@ -79,7 +80,21 @@ pub struct Tracker {
     /// A statement since the last safe point cannot be journaled or
     /// replayed (a credential); cleared at the next safe point.
     unreplayable: bool,
+    /// Something happened that only reading the state back from the
+    /// server can settle.
+    probe_wanted: bool,
+    /// Custom settings whose value only the server knows
+    /// (`set_config('app.tenant', $1, false)`).
+    probe_names: BTreeSet<Bytes>,
 }
+
+/// Non-recoverable kinds a probe of the server's state can settle.
+const PROBED: [NonRecoverable; 4] = [
+    NonRecoverable::Unclassified,
+    NonRecoverable::TempObjects,
+    NonRecoverable::HoldCursors,
+    NonRecoverable::AdvisoryLocks,
+];
 
 /// The open transaction, explicit or implicit.
 struct Transaction {
@@ -169,6 +184,8 @@ impl Tracker {
             reported,
             lex,
             unreplayable: false,
+            probe_wanted: false,
+            probe_names: BTreeSet::new(),
         }
     }
 
@@ -326,6 +343,10 @@ impl Tracker {
             self.replay.status = status;
             self.hash = None;
         }
+        self.readiness()
+    }
+
+    fn readiness(&mut self) -> Ready {
         let safe = self.replay.is_safe_point();
         if safe {
             self.unreplayable = false;
@@ -334,6 +355,121 @@ impl Tracker {
             template: self.template_id(),
             state_hash: self.state_hash(),
             safe,
+        }
+    }
+
+    /// The tracker cannot vouch for the session's state, and reading it
+    /// back from the server (see [`super::resync`]) would settle it: asked
+    /// at an idle boundary.
+    pub fn wants_probe(&self) -> bool {
+        self.probe_wanted
+            && self.tx.is_none()
+            && PROBED
+                .iter()
+                .any(|kind| self.replay.non_recoverable.contains(*kind))
+    }
+
+    /// Custom settings to ask the server about by name: pg_settings does
+    /// not list placeholders such as `app.tenant`.
+    pub fn probe_names(&self) -> impl Iterator<Item = &[u8]> {
+        self.working
+            .settings
+            .keys()
+            .filter(|name| name.contains(&b'.'))
+            .chain(&self.probe_names)
+            .map(|name| &name[..])
+    }
+
+    /// Takes the server's word for the session state, read back at an
+    /// idle boundary. What the server's answer cannot vouch for (a
+    /// SQL-prepared statement whose text cannot re-create it) keeps the
+    /// session non-recoverable.
+    pub fn resync(&mut self, truth: ServerTruth) -> Ready {
+        if self.tx.is_some() {
+            return self.readiness();
+        }
+        self.probe_wanted = false;
+        self.probe_names.clear();
+        let mut vouched = true;
+        let mut target = Template {
+            startup: self.working.startup.clone(),
+            settings: truth.settings,
+            role: truth.role,
+            listening: truth.listening,
+            ..Template::default()
+        };
+        for (name, value) in truth.custom {
+            // A placeholder reads as '' once reset.
+            match value {
+                Some(value)
+                    if !value.is_empty() || self.working.settings.get(&name) == Some(&value) =>
+                {
+                    target.settings.insert(name, value);
+                }
+                _ => {}
+            }
+        }
+        if self.working.startup.get(&b"user"[..]) != Some(&truth.session_user) {
+            target.session_authorization = Some(truth.session_user);
+        }
+        for (name, server) in truth.prepared {
+            let known = self
+                .working
+                .prepared
+                .get(&name)
+                .filter(|known| same_statement(known, &server));
+            let statement = match known {
+                Some(known) => known.clone(),
+                None if server.origin == PreparedOrigin::Protocol => server,
+                None => match self.recreating_statement(&name, &server.query) {
+                    Some(query) => PreparedStatement {
+                        origin: PreparedOrigin::Sql,
+                        query,
+                        param_types: Vec::new(),
+                    },
+                    None => {
+                        vouched = false;
+                        continue;
+                    }
+                },
+            };
+            target.prepared.insert(name, statement);
+        }
+        self.held_cursors = truth.hold_cursors;
+        let present = [
+            (NonRecoverable::Unclassified, !vouched),
+            (NonRecoverable::TempObjects, truth.temp_objects),
+            (NonRecoverable::HoldCursors, !self.held_cursors.is_empty()),
+            (NonRecoverable::AdvisoryLocks, truth.advisory_locks),
+            (NonRecoverable::SnapshotImport, false),
+        ];
+        for (kind, present) in present {
+            if present {
+                self.non_recoverable(kind);
+            } else {
+                self.clear_non_recoverable(kind);
+            }
+        }
+        if target != self.working {
+            self.change(|working| *working = target);
+            self.rebuild_prepared_effects();
+        }
+        self.readiness()
+    }
+
+    /// The single PREPARE statement in `text` (the server's record of a
+    /// SQL-prepared statement), if it re-creates `name`.
+    fn recreating_statement(&self, name: &[u8], text: &[u8]) -> Option<Bytes> {
+        let [_] = split_statements(text, &self.lex)[..] else {
+            return None;
+        };
+        match self.silent_effect(text) {
+            Effect::Prepare {
+                name: prepared,
+                statement,
+                ..
+            } if prepared == name => Some(statement),
+            _ => None,
         }
     }
 
@@ -454,22 +590,29 @@ impl Tracker {
     /// Moves the session to `target` (a template switch that the server
     /// has carried out).
     pub fn switch_to(&mut self, target: Template) {
-        self.prepared_effects.clear();
-        for (name, statement) in &target.prepared {
+        self.change(|working| *working = target);
+        self.rebuild_prepared_effects();
+        self.stats.template_switches.inc();
+    }
+
+    /// What executing each prepared statement of the template does.
+    fn rebuild_prepared_effects(&mut self) {
+        let mut effects = HashMap::with_capacity(self.working.prepared.len());
+        for (name, statement) in &self.working.prepared {
             let effect = match (statement.origin, self.silent_effect(&statement.query)) {
                 (PreparedOrigin::Sql, Effect::Prepare { body, .. }) => *body,
                 (PreparedOrigin::Sql, _) => Effect::Unknown,
                 (PreparedOrigin::Protocol, effect) => effect,
             };
-            self.prepared_effects.insert(name.clone(), effect);
+            effects.insert(name.clone(), effect);
         }
-        self.change(|working| *working = target);
-        self.stats.template_switches.inc();
+        self.prepared_effects = effects;
     }
 
     /// Marks the template as unknown: the server did something the
     /// tracker could not follow.
     pub fn mark_unknown(&mut self) {
+        self.probe_wanted = true;
         self.non_recoverable(NonRecoverable::Unclassified);
     }
 
@@ -809,6 +952,19 @@ impl Tracker {
             }
             Effect::Close(name) => self.close_cursors(name.as_ref()),
             Effect::NonRecoverable(kind) => self.non_recoverable(*kind),
+            Effect::SetUnknown(name) => {
+                self.probe_names.insert(name.clone());
+                self.mark_unknown();
+            }
+            Effect::Drop => {
+                if self
+                    .replay
+                    .non_recoverable
+                    .contains(NonRecoverable::TempObjects)
+                {
+                    self.probe_wanted = true;
+                }
+            }
             Effect::AdvisoryUnlockAll => self.clear_non_recoverable(NonRecoverable::AdvisoryLocks),
             Effect::Credential => {
                 self.unreplayable = true;
@@ -953,6 +1109,20 @@ impl Tracker {
         self.replay.local_settings.clear();
         self.change(|working| *working = startup);
     }
+}
+
+/// The server's record of a prepared statement is the one the tracker
+/// knows: the same Parse text, or a record of the same PREPARE (the server
+/// keeps the statement with its terminator and comments).
+fn same_statement(known: &PreparedStatement, server: &PreparedStatement) -> bool {
+    known.origin == server.origin
+        && match known.origin {
+            PreparedOrigin::Protocol => known.query == server.query,
+            PreparedOrigin::Sql => server
+                .query
+                .windows(known.query.len().max(1))
+                .any(|window| window == known.query),
+        }
 }
 
 /// Local-setting keys that hold identity, which RESET ALL leaves alone.
@@ -1277,5 +1447,83 @@ mod tests {
         );
         run(&mut t, "RESET SESSION AUTHORIZATION", b'I');
         assert_eq!(t.template(), t.startup_template().as_ref());
+    }
+
+    fn server_prepared(origin: PreparedOrigin, query: &str) -> PreparedStatement {
+        PreparedStatement {
+            origin,
+            query: Bytes::copy_from_slice(query.as_bytes()),
+            param_types: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_probe_vouches_only_for_what_it_can_recreate() {
+        let mut t = tracker();
+        run(
+            &mut t,
+            "PREPARE known AS SELECT 1; DO $$ BEGIN END $$",
+            b'I',
+        );
+        assert!(t.wants_probe());
+        let mut truth = ServerTruth {
+            session_user: Bytes::from_static(b"app"),
+            ..ServerTruth::default()
+        };
+        truth.prepared.insert(
+            Bytes::from_static(b"known"),
+            server_prepared(PreparedOrigin::Sql, "PREPARE known AS SELECT 1;"),
+        );
+        let ready = t.resync(truth.clone());
+        assert!(ready.safe);
+        assert!(!t.wants_probe());
+        // The tracker's own text, not the server's record with its `;`.
+        assert_eq!(
+            t.template().prepared[&b"known"[..]].query.as_ref(),
+            b"PREPARE known AS SELECT 1"
+        );
+
+        // A record that is not one PREPARE of that name cannot re-create
+        // the statement.
+        run(&mut t, "DO $$ BEGIN END $$", b'I');
+        truth.prepared.insert(
+            Bytes::from_static(b"other"),
+            server_prepared(PreparedOrigin::Sql, "PREPARE other AS SELECT 1; SELECT 2"),
+        );
+        assert!(!t.resync(truth).safe);
+        assert!(t
+            .replay_state()
+            .non_recoverable
+            .contains(NonRecoverable::Unclassified));
+        assert!(!t.template().prepared.contains_key(&b"other"[..]));
+    }
+
+    #[test]
+    fn a_probe_takes_the_session_user_role_and_custom_settings() {
+        let mut t = tracker();
+        run(&mut t, "SET app.kept = ''; DO $$ BEGIN END $$", b'I');
+        let mut truth = ServerTruth {
+            session_user: Bytes::from_static(b"admin"),
+            role: Some(Bytes::from_static(b"reader")),
+            ..ServerTruth::default()
+        };
+        truth
+            .custom
+            .insert(Bytes::from_static(b"app.kept"), Some(Bytes::new()));
+        // A placeholder once reset reads as '' too: not a setting.
+        truth
+            .custom
+            .insert(Bytes::from_static(b"app.reset"), Some(Bytes::new()));
+        truth.custom.insert(Bytes::from_static(b"app.gone"), None);
+        assert!(t.resync(truth).safe);
+        let template = t.template();
+        assert_eq!(
+            template.session_authorization.as_deref(),
+            Some(&b"admin"[..])
+        );
+        assert_eq!(template.role.as_deref(), Some(&b"reader"[..]));
+        assert_eq!(setting(&t, "app.kept").as_deref(), Some(""));
+        assert_eq!(setting(&t, "app.reset"), None);
+        assert_eq!(setting(&t, "app.gone"), None);
     }
 }

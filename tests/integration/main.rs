@@ -6,6 +6,7 @@ mod bad_input;
 mod clients;
 mod hooks;
 mod lifecycle;
+mod probe;
 mod relay;
 mod restore_plan;
 mod state_truth;

@@ -8,9 +8,9 @@ use bytes::Bytes;
 use reprise::template::{
     quote_identifier, PreparedOrigin, PreparedStatement, RestorePlan, RestoreStep, Template,
 };
-use tokio_postgres::{Client, SimpleQueryMessage};
+use tokio_postgres::Client;
 
-use crate::support::Harness;
+use crate::support::{self, Harness};
 
 const SEARCH_PATH: &str = "\"$user\", public, \"odd schema\"";
 const APPLICATION_NAME: &str = "it's a \\ test";
@@ -92,17 +92,13 @@ async fn apply(client: &Client, plan: &RestorePlan) {
 
 /// Rows of a simple query as column-0/column-1 strings.
 async fn rows(client: &Client, sql: &str) -> Vec<(String, String)> {
-    client
-        .simple_query(sql)
+    support::text_rows(client, sql)
         .await
-        .unwrap_or_else(|err| panic!("{sql}: {err}"))
         .into_iter()
-        .filter_map(|message| match message {
-            SimpleQueryMessage::Row(row) => Some((
-                row.get(0).unwrap_or_default().to_owned(),
-                row.try_get(1).ok().flatten().unwrap_or_default().to_owned(),
-            )),
-            _ => None,
+        .map(|row| {
+            let mut columns = row.into_iter();
+            let first = columns.next().unwrap_or_default();
+            (first, columns.next().unwrap_or_default())
         })
         .collect()
 }

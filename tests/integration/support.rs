@@ -421,16 +421,33 @@ pub fn backend_pid(greeting: &[Message]) -> i32 {
     i32::from_be_bytes([key.body[0], key.body[1], key.body[2], key.body[3]])
 }
 
-/// Runs a statement directly on the cluster and returns the first column
-/// of the first row as text.
+/// Runs a statement and returns the first column of the first row as
+/// text.
 pub async fn scalar(client: &Client, sql: &str) -> String {
-    let rows = client.simple_query(sql).await.expect("query");
-    rows.iter()
-        .find_map(|message| match message {
-            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+    text_rows(client, sql)
+        .await
+        .into_iter()
+        .next()
+        .and_then(|row| row.into_iter().next())
+        .unwrap_or_default()
+}
+
+/// The rows of a simple query as text, NULL as "".
+pub async fn text_rows(client: &Client, sql: &str) -> Vec<Vec<String>> {
+    client
+        .simple_query(sql)
+        .await
+        .unwrap_or_else(|err| panic!("{sql}: {err}"))
+        .into_iter()
+        .filter_map(|message| match message {
+            tokio_postgres::SimpleQueryMessage::Row(row) => Some(
+                (0..row.len())
+                    .map(|i| row.get(i).unwrap_or_default().to_owned())
+                    .collect(),
+            ),
             _ => None,
         })
-        .unwrap_or_default()
+        .collect()
 }
 
 /// Waits until `check` holds, polling; panics with `what` after `limit`.
