@@ -1,7 +1,10 @@
 //! `reprise bench`: pgbench select-only, direct to PostgreSQL, through
 //! Reprise and (when available) through PgBouncer in session mode, all in
 //! one run and interleaved, so that the machine's drift hits every target
-//! alike. Reports the median TPS per cell and the ratios.
+//! alike. Reports the median TPS per cell, the ratios (the median of the
+//! ratios of runs made back to back) and what each proxy process spends in
+//! CPU time per transaction, the measure of its own cost that the
+//! machine's noise disturbs least.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -117,22 +120,23 @@ fn bench(args: &BenchArgs, interrupted: &CancellationToken) -> anyhow::Result<()
         true,
     )?;
     let mut targets = vec![
-        (Target::Direct, cluster.port()),
-        (Target::Reprise, reprise_port.port()),
+        (Target::Direct, cluster.port(), None),
+        (Target::Reprise, reprise_port.port(), Some(reprise.0.id())),
     ];
     let mut _pgbouncer = None;
     let pgbouncer_port = throwaway_pg::lease_port()?;
     if !args.no_pgbouncer {
         match find_pgbouncer(!args.no_install) {
             Some(binary) => {
-                _pgbouncer = Some(start_pgbouncer(
+                let child = start_pgbouncer(
                     &binary,
                     work.path(),
                     pgbouncer_port.port(),
                     &cluster,
                     max_clients,
-                )?);
-                targets.push((Target::PgBouncer, pgbouncer_port.port()));
+                )?;
+                targets.push((Target::PgBouncer, pgbouncer_port.port(), Some(child.0.id())));
+                _pgbouncer = Some(child);
             }
             None => println!(
                 "PgBouncer is not installed and could not be installed: comparing with direct only"
@@ -147,12 +151,16 @@ fn bench(args: &BenchArgs, interrupted: &CancellationToken) -> anyhow::Result<()
             cluster.port(),
             false,
         )?;
-        targets.push((Target::RepriseUntracked, untracked_port.port()));
+        targets.push((
+            Target::RepriseUntracked,
+            untracked_port.port(),
+            Some(child.0.id()),
+        ));
         Some(child)
     } else {
         None
     };
-    for (target, port) in &targets {
+    for (target, port, _) in &targets {
         wait_for_port(*port)
             .with_context(|| format!("{} does not accept connections", target.name()))?;
     }
@@ -161,22 +169,40 @@ fn bench(args: &BenchArgs, interrupted: &CancellationToken) -> anyhow::Result<()
     let mut report = String::new();
     writeln!(
         report,
-        "\npgbench -S, {}s runs, median of {} interleaved runs per target, -j {}",
+        "\npgbench -S, {}s runs, {} interleaved rounds, -j {}: median TPS per target; \
+         each ratio is the median of the ratios within a round",
         args.seconds, args.pairs, args.threads
     )?;
     write!(report, "{:<10} {:>7}", "mode", "clients")?;
-    for (target, _) in &targets {
-        write!(report, " {:>12}", format!("{} tps", target.name()))?;
+    for (target, _, _) in &targets {
+        write!(report, " {:>13}", format!("{} tps", target.name()))?;
     }
     writeln!(
         report,
         " {:>15} {:>18} {:>18}",
         "reprise/direct", "reprise/pgbouncer", "tracked/untracked"
     )?;
-    let position = |wanted: Target| targets.iter().position(|(target, _)| *target == wanted);
+    let mut cpu_report = String::new();
+    writeln!(
+        cpu_report,
+        "\nproxy CPU time per transaction (user + system, µs, median)"
+    )?;
+    write!(cpu_report, "{:<10} {:>7}", "mode", "clients")?;
+    for (target, _, pid) in &targets {
+        if pid.is_some() {
+            write!(cpu_report, " {:>13}", target.name())?;
+        }
+    }
+    writeln!(
+        cpu_report,
+        " {:>18} {:>18}",
+        "reprise/pgbouncer", "tracked/untracked"
+    )?;
+    let position = |wanted: Target| targets.iter().position(|(target, _, _)| *target == wanted);
+    let reprise_at = position(Target::Reprise).unwrap_or(1);
     for mode in &args.modes {
         for &clients in &args.clients {
-            let mut samples: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
+            let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); targets.len()];
             for pair in 0..args.pairs {
                 // Rotate the order each round so no target always runs
                 // first (right after another's warm-up) or last.
@@ -185,39 +211,132 @@ fn bench(args: &BenchArgs, interrupted: &CancellationToken) -> anyhow::Result<()
                         bail!("interrupted: stopped the proxies and the throwaway PostgreSQL");
                     }
                     let index = (pair + offset) % targets.len();
-                    let (target, port) = targets[index];
-                    let tps =
+                    let (target, port, pid) = targets[index];
+                    let cpu_before = pid.map(process_cpu).transpose()?;
+                    let run =
                         run_pgbench(&pgbench, mode, clients, args.threads, args.seconds, port)
                             .with_context(|| format!("pgbench against {}", target.name()))?;
+                    let cpu_per_transaction = match (pid, cpu_before) {
+                        (Some(pid), Some(before)) => {
+                            let spent = process_cpu(pid)? - before;
+                            Some(spent.as_secs_f64() * 1e6 / run.transactions.max(1) as f64)
+                        }
+                        _ => None,
+                    };
                     println!(
-                        "  {mode:<8} c={clients:<3} run {} {:<9} {tps:>10.0} tps",
+                        "  {mode:<8} c={clients:<3} run {} {:<9} {:>10.0} tps{}",
                         pair + 1,
-                        target.name()
+                        target.name(),
+                        run.tps,
+                        cpu_per_transaction
+                            .map(|cpu| format!(" {cpu:>7.1} µs CPU/tx"))
+                            .unwrap_or_default()
                     );
-                    samples[index].push(tps);
+                    samples[index].push(Sample {
+                        tps: run.tps,
+                        cpu_per_transaction,
+                    });
                 }
             }
-            let medians: Vec<f64> = samples.iter_mut().map(|runs| median(runs)).collect();
-            write!(report, "{mode:<10} {clients:>7}")?;
-            for value in &medians {
-                write!(report, " {value:>12.0}")?;
-            }
-            let versus_direct = medians[1] / medians[0];
-            let versus = |other: Target| {
-                position(other)
-                    .map(|at| format!("{:.3}", medians[1] / medians[at]))
+            let tps_ratio = |other: Option<usize>| {
+                other
+                    .map(|at| {
+                        format!(
+                            "{:.3}",
+                            paired_median(&samples[reprise_at], &samples[at], |s| Some(s.tps))
+                        )
+                    })
                     .unwrap_or_else(|| "-".to_owned())
             };
+            write!(report, "{mode:<10} {clients:>7}")?;
+            for runs in &samples {
+                let mut tps: Vec<f64> = runs.iter().map(|s| s.tps).collect();
+                write!(report, " {:>13.0}", median(&mut tps))?;
+            }
             writeln!(
                 report,
-                " {versus_direct:>15.3} {:>18} {:>18}",
-                versus(Target::PgBouncer),
-                versus(Target::RepriseUntracked),
+                " {:>15} {:>18} {:>18}",
+                tps_ratio(position(Target::Direct)),
+                tps_ratio(position(Target::PgBouncer)),
+                tps_ratio(position(Target::RepriseUntracked)),
+            )?;
+
+            let cpu_ratio = |other: Option<usize>| {
+                other
+                    .map(|at| {
+                        format!(
+                            "{:.3}",
+                            paired_median(&samples[reprise_at], &samples[at], |s| {
+                                s.cpu_per_transaction
+                            })
+                        )
+                    })
+                    .unwrap_or_else(|| "-".to_owned())
+            };
+            write!(cpu_report, "{mode:<10} {clients:>7}")?;
+            for runs in &samples {
+                let mut cpu: Vec<f64> = runs.iter().filter_map(|s| s.cpu_per_transaction).collect();
+                if !cpu.is_empty() {
+                    write!(cpu_report, " {:>13.1}", median(&mut cpu))?;
+                }
+            }
+            writeln!(
+                cpu_report,
+                " {:>18} {:>18}",
+                cpu_ratio(position(Target::PgBouncer)),
+                cpu_ratio(position(Target::RepriseUntracked)),
             )?;
         }
     }
-    println!("{report}");
+    println!("{report}{cpu_report}");
     Ok(())
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Sample {
+    tps: f64,
+    cpu_per_transaction: Option<f64>,
+}
+
+/// The median of `a[i] / b[i]` over rounds: runs of one round follow each
+/// other, so the machine's slow drift cancels out of each ratio.
+fn paired_median(a: &[Sample], b: &[Sample], value: impl Fn(&Sample) -> Option<f64>) -> f64 {
+    let mut ratios: Vec<f64> = a
+        .iter()
+        .zip(b)
+        .filter_map(|(a, b)| Some(value(a)? / value(b)?))
+        .collect();
+    median(&mut ratios)
+}
+
+/// CPU time (user + system, all threads) a process has used so far.
+fn process_cpu(pid: u32) -> anyhow::Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("cannot read the CPU time of process {pid}"))?;
+    cpu_from_stat(&stat, clock_ticks_per_second())
+        .with_context(|| format!("unexpected /proc/{pid}/stat: {stat}"))
+}
+
+fn clock_ticks_per_second() -> u64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .and_then(|ticks| u64::try_from(ticks).ok())
+        .filter(|ticks| *ticks > 0)
+        .unwrap_or(100)
+}
+
+/// utime and stime, fields 14 and 15 of /proc/PID/stat; the command name
+/// (field 2) is in parentheses and may contain spaces.
+fn cpu_from_stat(stat: &str, ticks_per_second: u64) -> Option<Duration> {
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    let mut fields = after_name.split_whitespace().skip(11);
+    let user: u64 = fields.next()?.parse().ok()?;
+    let system: u64 = fields.next()?.parse().ok()?;
+    let ticks = user + system;
+    Some(Duration::from_nanos(
+        ticks.saturating_mul(1_000_000_000) / ticks_per_second,
+    ))
 }
 
 fn connection_args(host: &str, port: u16) -> Vec<String> {
@@ -239,7 +358,7 @@ fn run_pgbench(
     threads: u32,
     seconds: u32,
     port: u16,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<PgbenchRun> {
     let output = Command::new(pgbench)
         .args(["-S", "-n", "-M", mode])
         .args([
@@ -260,7 +379,25 @@ fn run_pgbench(
             String::from_utf8_lossy(&output.stderr)
         );
     }
-    parse_tps(&stdout).with_context(|| format!("no tps line in pgbench output:\n{stdout}"))
+    let tps =
+        parse_tps(&stdout).with_context(|| format!("no tps line in pgbench output:\n{stdout}"))?;
+    let transactions = parse_transactions(&stdout)
+        .with_context(|| format!("no transaction count in pgbench output:\n{stdout}"))?;
+    Ok(PgbenchRun { tps, transactions })
+}
+
+struct PgbenchRun {
+    tps: f64,
+    transactions: u64,
+}
+
+/// Reads `number of transactions actually processed: 12345`.
+fn parse_transactions(output: &str) -> Option<u64> {
+    output
+        .lines()
+        .find_map(|line| line.strip_prefix("number of transactions actually processed: "))
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|value| value.parse().ok())
 }
 
 /// Reads `tps = 12345.678 (without initial connection time)`.
@@ -402,7 +539,27 @@ mod tests {
                       initial connection time = 3.2 ms\ntps = 41234.567890 (without initial connection time)\n";
         assert_eq!(parse_tps(output), Some(41234.56789));
         assert_eq!(parse_tps("nothing"), None);
+        assert_eq!(parse_transactions(output), Some(1000));
+        assert_eq!(
+            parse_transactions("number of transactions actually processed: 990/1000\n"),
+            Some(990)
+        );
         assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&mut [4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+
+    #[test]
+    fn reads_cpu_time_and_pairs_rounds() {
+        let stat = "4242 (re prise) S 1 4242 4242 0 -1 4194560 1 0 0 0 150 50 0 0 20 0 9 0 1 2 3";
+        assert_eq!(cpu_from_stat(stat, 100), Some(Duration::from_secs(2)));
+        assert_eq!(cpu_from_stat("garbage", 100), None);
+        let sample = |tps| Sample {
+            tps,
+            cpu_per_transaction: None,
+        };
+        let a = [sample(90.0), sample(200.0), sample(50.0)];
+        let b = [sample(100.0), sample(100.0), sample(100.0)];
+        assert_eq!(paired_median(&a, &b, |s| Some(s.tps)), 0.9);
+        assert!(paired_median(&a, &b, |s| s.cpu_per_transaction).is_nan());
     }
 }
