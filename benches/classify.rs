@@ -3,8 +3,12 @@
 //!
 //! Run with `cargo bench --bench classify`.
 
+use std::sync::Arc;
+
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
-use reprise::state::{classify, LexOptions};
+use reprise::state::{classify, LexOptions, Tracker};
+use reprise::stats::Stats;
+use reprise::template::Registry;
 
 /// The statements pgbench's built-in scripts send.
 const PGBENCH: &[&str] = &[
@@ -59,6 +63,28 @@ fn bench(c: &mut Criterion) {
             for statement in STATEFUL {
                 black_box(classify(black_box(statement.as_bytes()), &options));
             }
+        })
+    });
+    group.finish();
+
+    // What the tracker does for one `pgbench -S` transaction in the simple
+    // protocol: classify the query, apply it at CommandComplete, find the
+    // boundary and safe point at ReadyForQuery.
+    let mut tracker = Tracker::new(
+        Arc::new(Registry::new()),
+        Arc::new(Stats::default()),
+        [(&b"user"[..], &b"app"[..]), (b"database", b"db")],
+        [(&b"client_encoding"[..], &b"UTF8"[..])],
+    );
+    let mut group = c.benchmark_group("tracker");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("pgbench -S transaction", |b| {
+        let sql = b"SELECT abalance FROM pgbench_accounts WHERE aid = 85411;";
+        b.iter(|| {
+            for effect in tracker.query_effects(black_box(sql)) {
+                tracker.statement_done(&effect);
+            }
+            black_box(tracker.ready(b'I'));
         })
     });
     group.finish();

@@ -200,6 +200,7 @@ fn bench(args: &BenchArgs, interrupted: &CancellationToken) -> anyhow::Result<()
     )?;
     let position = |wanted: Target| targets.iter().position(|(target, _, _)| *target == wanted);
     let reprise_at = position(Target::Reprise).unwrap_or(1);
+    let mut all_samples: Vec<Vec<Sample>> = vec![Vec::new(); targets.len()];
     for mode in &args.modes {
         for &clients in &args.clients {
             let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); targets.len()];
@@ -238,58 +239,79 @@ fn bench(args: &BenchArgs, interrupted: &CancellationToken) -> anyhow::Result<()
                     });
                 }
             }
-            let tps_ratio = |other: Option<usize>| {
-                other
-                    .map(|at| {
-                        format!(
-                            "{:.3}",
-                            paired_median(&samples[reprise_at], &samples[at], |s| Some(s.tps))
-                        )
-                    })
-                    .unwrap_or_else(|| "-".to_owned())
-            };
-            write!(report, "{mode:<10} {clients:>7}")?;
-            for runs in &samples {
-                let mut tps: Vec<f64> = runs.iter().map(|s| s.tps).collect();
-                write!(report, " {:>13.0}", median(&mut tps))?;
-            }
-            writeln!(
-                report,
-                " {:>15} {:>18} {:>18}",
-                tps_ratio(position(Target::Direct)),
-                tps_ratio(position(Target::PgBouncer)),
-                tps_ratio(position(Target::RepriseUntracked)),
+            write_rows(
+                &mut report,
+                &mut cpu_report,
+                &format!("{mode:<10} {clients:>7}"),
+                &samples,
+                reprise_at,
+                &position,
             )?;
-
-            let cpu_ratio = |other: Option<usize>| {
-                other
-                    .map(|at| {
-                        format!(
-                            "{:.3}",
-                            paired_median(&samples[reprise_at], &samples[at], |s| {
-                                s.cpu_per_transaction
-                            })
-                        )
-                    })
-                    .unwrap_or_else(|| "-".to_owned())
-            };
-            write!(cpu_report, "{mode:<10} {clients:>7}")?;
-            for runs in &samples {
-                let mut cpu: Vec<f64> = runs.iter().filter_map(|s| s.cpu_per_transaction).collect();
-                if !cpu.is_empty() {
-                    write!(cpu_report, " {:>13.1}", median(&mut cpu))?;
-                }
+            for (all, runs) in all_samples.iter_mut().zip(samples) {
+                all.extend(runs);
             }
-            writeln!(
-                cpu_report,
-                " {:>18} {:>18}",
-                cpu_ratio(position(Target::PgBouncer)),
-                cpu_ratio(position(Target::RepriseUntracked)),
-            )?;
         }
+    }
+    if args.modes.len() * args.clients.len() > 1 {
+        // Every round of every cell: the most samples for each ratio.
+        write_rows(
+            &mut report,
+            &mut cpu_report,
+            &format!("{:<18}", "all rounds"),
+            &all_samples,
+            reprise_at,
+            &position,
+        )?;
     }
     println!("{report}{cpu_report}");
     Ok(())
+}
+
+/// One row of each table: median TPS and CPU per transaction per target,
+/// then Reprise's ratios to the others.
+fn write_rows(
+    report: &mut String,
+    cpu_report: &mut String,
+    label: &str,
+    samples: &[Vec<Sample>],
+    reprise_at: usize,
+    position: &dyn Fn(Target) -> Option<usize>,
+) -> std::fmt::Result {
+    let ratio = |other: Target, value: &dyn Fn(&Sample) -> Option<f64>| {
+        position(other)
+            .map(|at| {
+                format!(
+                    "{:.3}",
+                    paired_median(&samples[reprise_at], &samples[at], value)
+                )
+            })
+            .unwrap_or_else(|| "-".to_owned())
+    };
+    let tps = |s: &Sample| Some(s.tps);
+    let cpu = |s: &Sample| s.cpu_per_transaction;
+    write!(report, "{label}")?;
+    write!(cpu_report, "{label}")?;
+    for runs in samples {
+        let mut values: Vec<f64> = runs.iter().map(|s| s.tps).collect();
+        write!(report, " {:>13.0}", median(&mut values))?;
+        let mut values: Vec<f64> = runs.iter().filter_map(cpu).collect();
+        if !values.is_empty() {
+            write!(cpu_report, " {:>13.1}", median(&mut values))?;
+        }
+    }
+    writeln!(
+        report,
+        " {:>15} {:>18} {:>18}",
+        ratio(Target::Direct, &tps),
+        ratio(Target::PgBouncer, &tps),
+        ratio(Target::RepriseUntracked, &tps),
+    )?;
+    writeln!(
+        cpu_report,
+        " {:>18} {:>18}",
+        ratio(Target::PgBouncer, &cpu),
+        ratio(Target::RepriseUntracked, &cpu),
+    )
 }
 
 #[derive(Clone, Copy, Debug)]

@@ -1,20 +1,42 @@
 //! Reprise's counters, shown by `SHOW reprise.stats`: one row per counter.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+/// Stripes per counter: sessions on different worker threads count on
+/// different cache lines, so that counting on the hot path never moves a
+/// line between cores.
+const STRIPES: usize = 8;
+
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct Stripe(AtomicU64);
 
 /// A monotonic counter; relaxed, since each is read on its own.
 #[derive(Debug, Default)]
-pub struct Counter(AtomicU64);
+pub struct Counter([Stripe; STRIPES]);
 
 impl Counter {
     #[inline]
     pub fn inc(&self) {
-        self.0.fetch_add(1, Ordering::Relaxed);
+        self.0[stripe()].0.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
+        self.0
+            .iter()
+            .map(|stripe| stripe.0.load(Ordering::Relaxed))
+            .fold(0, u64::wrapping_add)
     }
+}
+
+/// This thread's stripe, handed out round-robin.
+#[inline]
+fn stripe() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static STRIPE: usize = NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES;
+    }
+    STRIPE.with(|stripe| *stripe)
 }
 
 macro_rules! counters {
@@ -65,4 +87,28 @@ counters! {
     state_probes,
     /// State probes the server refused; the session's probes stop.
     state_probe_failures,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_from_every_thread_add_up() {
+        let counter = std::sync::Arc::new(Counter::default());
+        let threads: Vec<_> = (0..STRIPES * 2)
+            .map(|_| {
+                let counter = std::sync::Arc::clone(&counter);
+                std::thread::spawn(move || {
+                    for _ in 0..1000 {
+                        counter.inc();
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().expect("counting thread");
+        }
+        assert_eq!(counter.get(), (STRIPES * 2 * 1000) as u64);
+    }
 }

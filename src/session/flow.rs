@@ -252,8 +252,12 @@ impl Flow {
         });
         let Some(command) = command else {
             // A Query drops the unnamed statement and portal.
-            self.statements.remove(&b""[..]);
-            self.portals.remove(&b""[..]);
+            if !self.statements.is_empty() {
+                self.statements.remove(&b""[..]);
+            }
+            if !self.portals.is_empty() {
+                self.portals.remove(&b""[..]);
+            }
             self.queue.push_back(Pending::Query(effects.into()));
             return ClientStep::Forward;
         };

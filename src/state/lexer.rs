@@ -748,28 +748,65 @@ impl Boundary {
 /// statement where the error occurred, is returned as one last range, which
 /// [`classify`](super::classify::classify) reports as unknown.
 pub fn split_statements(sql: &[u8], options: &LexOptions) -> Vec<Range<usize>> {
-    let mut statements = Vec::new();
-    let mut boundary = Boundary::default();
-    let mut current: Option<Range<usize>> = None;
-    for token in Lexer::new(sql, options) {
-        if token.kind == TokenKind::Error {
-            let start = current.map_or(token.start(), |range| range.start);
-            statements.push(start..sql.len());
-            return statements;
-        }
-        if boundary.feed(&token.lexeme(sql)) {
-            statements.extend(current.take());
-            boundary = Boundary::default();
-            continue;
-        }
-        match &mut current {
-            Some(range) => range.end = token.end(),
-            None => current = Some(token.range()),
+    Statements::new(sql, options).collect()
+}
+
+/// The statements of a Query string one by one, as
+/// [`split_statements`] finds them, without collecting them first.
+pub struct Statements<'a> {
+    sql: &'a [u8],
+    lexer: Lexer<'a>,
+    boundary: Boundary,
+    current: Option<Range<usize>>,
+    done: bool,
+}
+
+impl<'a> Statements<'a> {
+    pub fn new(sql: &'a [u8], options: &LexOptions) -> Self {
+        Statements {
+            sql,
+            lexer: Lexer::new(sql, options),
+            boundary: Boundary::default(),
+            current: None,
+            done: false,
         }
     }
-    statements.extend(current);
-    statements
 }
+
+impl Iterator for Statements<'_> {
+    type Item = Range<usize>;
+
+    fn next(&mut self) -> Option<Range<usize>> {
+        if self.done {
+            return None;
+        }
+        for token in self.lexer.by_ref() {
+            if token.kind == TokenKind::Error {
+                let start = self
+                    .current
+                    .take()
+                    .map_or(token.start(), |range| range.start);
+                self.done = true;
+                return Some(start..self.sql.len());
+            }
+            if self.boundary.feed(&token.lexeme(self.sql)) {
+                self.boundary = Boundary::default();
+                match self.current.take() {
+                    Some(range) => return Some(range),
+                    None => continue,
+                }
+            }
+            match &mut self.current {
+                Some(range) => range.end = token.end(),
+                None => self.current = Some(token.range()),
+            }
+        }
+        self.done = true;
+        self.current.take()
+    }
+}
+
+impl std::iter::FusedIterator for Statements<'_> {}
 
 #[cfg(test)]
 mod tests {
