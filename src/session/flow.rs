@@ -70,6 +70,50 @@ enum Target {
     Local(RepriseCommand),
 }
 
+/// Statement or portal names and what they stand for. The unnamed one,
+/// which most drivers use for every portal, is kept apart from the map:
+/// the hot path then touches no hash table for it.
+#[derive(Debug, Default)]
+struct Names {
+    unnamed: Option<Target>,
+    named: HashMap<Bytes, Target>,
+}
+
+impl Names {
+    fn get(&self, name: &[u8]) -> Option<&Target> {
+        if name.is_empty() {
+            self.unnamed.as_ref()
+        } else {
+            self.named.get(name)
+        }
+    }
+
+    fn contains(&self, name: &[u8]) -> bool {
+        self.get(name).is_some()
+    }
+
+    fn insert(&mut self, name: &[u8], target: Target) -> Option<Target> {
+        if name.is_empty() {
+            self.unnamed.replace(target)
+        } else {
+            self.named.insert(Bytes::copy_from_slice(name), target)
+        }
+    }
+
+    fn remove(&mut self, name: &[u8]) -> Option<Target> {
+        if name.is_empty() {
+            self.unnamed.take()
+        } else {
+            self.named.remove(name)
+        }
+    }
+
+    /// Keeps the unnamed entry and the named ones `keep` accepts.
+    fn retain_named(&mut self, keep: impl Fn(&Target) -> bool) {
+        self.named.retain(|_, target| keep(target));
+    }
+}
+
 /// One request in flight, in the order the server answers.
 #[derive(Debug)]
 enum Pending {
@@ -158,8 +202,8 @@ pub struct Flow {
     /// Reprise refused a message of an extended batch: the rest of it, up
     /// to Sync, is skipped.
     skip_to_sync: bool,
-    statements: HashMap<Bytes, Target>,
-    portals: HashMap<Bytes, Target>,
+    statements: Names,
+    portals: Names,
     /// Local answers ready to go to the client now, after what was
     /// forwarded before them.
     pub to_client: BytesMut,
@@ -188,8 +232,8 @@ impl Flow {
             unsynced: false,
             local_since_sync: false,
             skip_to_sync: false,
-            statements: HashMap::new(),
-            portals: HashMap::new(),
+            statements: Names::default(),
+            portals: Names::default(),
             to_client: BytesMut::new(),
             to_server: BytesMut::new(),
             events: Vec::new(),
@@ -252,12 +296,8 @@ impl Flow {
         });
         let Some(command) = command else {
             // A Query drops the unnamed statement and portal.
-            if !self.statements.is_empty() {
-                self.statements.remove(&b""[..]);
-            }
-            if !self.portals.is_empty() {
-                self.portals.remove(&b""[..]);
-            }
+            self.statements.unnamed = None;
+            self.portals.unnamed = None;
             self.queue.push_back(Pending::Query(effects.into()));
             return ClientStep::Forward;
         };
@@ -313,7 +353,7 @@ impl Flow {
                 );
                 return ClientStep::Drop;
             }
-            self.statements.insert(name, Target::Local(command));
+            self.statements.insert(&name, Target::Local(command));
             let mut out = BytesMut::new();
             reply::parse_complete(&mut out);
             self.local_since_sync = true;
@@ -322,7 +362,7 @@ impl Flow {
         }
         let previous = self
             .statements
-            .insert(name.clone(), Target::Server(effect.clone()));
+            .insert(&name, Target::Server(effect.clone()));
         self.unsynced = true;
         self.queue.push_back(Pending::Parse {
             name,
@@ -337,7 +377,6 @@ impl Flow {
         let Some((portal, statement, values)) = frontend::bind_fields(message) else {
             return ClientStep::Forward;
         };
-        let portal = Bytes::copy_from_slice(portal);
         match self.statements.get(statement).cloned() {
             Some(Target::Local(command)) => {
                 if values > 0 {
@@ -532,7 +571,7 @@ impl Flow {
     /// A statement name the session does not use, for Reprise's own.
     fn unused_statement_name(&self, base: &[u8]) -> Vec<u8> {
         let mut name = base.to_vec();
-        while self.statements.contains_key(&name[..])
+        while self.statements.contains(&name)
             || self.tracker.template().prepared.contains_key(&name[..])
         {
             name.push(b'_');
@@ -626,7 +665,7 @@ impl Flow {
                     .prepared_effect(name)
                     .cloned()
                     .unwrap_or(Effect::Unknown);
-                self.statements.insert(name.clone(), Target::Server(effect));
+                self.statements.insert(name, Target::Server(effect));
             }
         }
     }
@@ -1010,7 +1049,7 @@ impl Flow {
             }
             Effect::Deallocate(None) | Effect::Discard(Discard::All) => self
                 .statements
-                .retain(|name, target| name.is_empty() || matches!(target, Target::Local(_))),
+                .retain_named(|target| matches!(target, Target::Local(_))),
             _ => {}
         }
     }
@@ -1044,7 +1083,7 @@ impl Flow {
         // Latest first, so that a name parsed twice gets its first value.
         for (name, previous) in refused.into_iter().rev() {
             match previous {
-                Some(target) => self.statements.insert(name, target),
+                Some(target) => self.statements.insert(&name, target),
                 None => self.statements.remove(&name),
             };
         }

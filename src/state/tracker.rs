@@ -101,7 +101,9 @@ struct Transaction {
     explicit: bool,
     failed: bool,
     /// State at the start, taken before the first change.
-    start: Option<Snapshot>,
+    /// Boxed: most transactions change nothing, and the tracker moves its
+    /// transaction at every end.
+    start: Option<Box<Snapshot>>,
     /// LISTEN / UNLISTEN take effect at commit.
     pending_listen: Vec<ListenChange>,
     savepoints: Vec<Savepoint>,
@@ -676,7 +678,7 @@ impl Tracker {
             }
         }
         if tx.start.is_none() {
-            tx.start = Some(snapshot);
+            tx.start = Some(Box::new(snapshot));
         }
     }
 
@@ -712,7 +714,7 @@ impl Tracker {
                 self.apply_listen(change);
             }
         } else if let Some(start) = tx.start {
-            self.restore(start);
+            self.restore(*start);
         }
         if !self.replay.local_settings.is_empty() {
             self.replay.local_settings.clear();
@@ -1087,7 +1089,12 @@ impl Tracker {
             return;
         };
         let savepoints = tx.savepoints.iter_mut().filter_map(|s| s.state.as_mut());
-        for snapshot in tx.start.iter_mut().chain(savepoints) {
+        for snapshot in tx
+            .start
+            .iter_mut()
+            .map(|start| &mut **start)
+            .chain(savepoints)
+        {
             close(&mut snapshot.held_cursors);
             if snapshot.held_cursors.is_empty() {
                 snapshot.non_recoverable.remove(NonRecoverable::HoldCursors);
