@@ -205,13 +205,10 @@ fn bench(args: &BenchArgs, interrupted: &CancellationToken) -> anyhow::Result<()
         for &clients in &args.clients {
             let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); targets.len()];
             for pair in 0..args.pairs {
-                // Rotate the order each round so no target always runs
-                // first (right after another's warm-up) or last.
-                for offset in 0..targets.len() {
+                for index in round_order(pair, targets.len()) {
                     if interrupted.is_cancelled() {
                         bail!("interrupted: stopped the proxies and the throwaway PostgreSQL");
                     }
-                    let index = (pair + offset) % targets.len();
                     let (target, port, pid) = targets[index];
                     let cpu_before = pid.map(process_cpu).transpose()?;
                     let run =
@@ -265,6 +262,20 @@ fn bench(args: &BenchArgs, interrupted: &CancellationToken) -> anyhow::Result<()
     }
     println!("{report}{cpu_report}");
     Ok(())
+}
+
+/// The order of the targets in round `round`: rotated each round so that
+/// no target always runs first or last, and reversed every other round so
+/// that no target always follows the same one (a run is slower right
+/// after the direct run has warmed PostgreSQL up, say).
+fn round_order(round: usize, targets: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..targets)
+        .map(|offset| (round / 2 + offset) % targets)
+        .collect();
+    if round % 2 == 1 {
+        order.reverse();
+    }
+    order
 }
 
 /// One row of each table: median TPS and CPU per transaction per target,
@@ -568,6 +579,19 @@ mod tests {
         );
         assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&mut [4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+
+    #[test]
+    fn rounds_vary_position_and_neighbour() {
+        let rounds: Vec<Vec<usize>> = (0..4).map(|round| round_order(round, 4)).collect();
+        assert_eq!(rounds[0], [0, 1, 2, 3]);
+        assert_eq!(rounds[1], [3, 2, 1, 0]);
+        assert_eq!(rounds[2], [1, 2, 3, 0]);
+        for round in &rounds {
+            let mut sorted = round.clone();
+            sorted.sort();
+            assert_eq!(sorted, [0, 1, 2, 3]);
+        }
     }
 
     #[test]
