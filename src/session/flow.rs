@@ -19,7 +19,7 @@ use crate::state::resync::{self, ServerTruth};
 use crate::state::tracker::LOCAL_DEFAULT;
 use crate::state::{Effect, RepriseCommand, Tracker};
 use crate::template::{
-    PreparedOrigin, RestorePlan, RestoreStep, StateHash, Template, TemplateId, TransactionStatus,
+    PreparedOrigin, RestorePlan, StateHash, Template, TemplateId, TransactionStatus,
 };
 use crate::wire::backend as server_msg;
 use crate::wire::frame;
@@ -725,15 +725,8 @@ impl Flow {
         }
         let mut parses = false;
         for step in plan.parse_steps() {
-            if let RestoreStep::Parse {
-                name,
-                query,
-                param_types,
-            } = step
-            {
-                write_parse(&mut self.to_server, name, query, param_types);
-                parses = true;
-            }
+            write_parse(&mut self.to_server, step.name, step.query, step.param_types);
+            parses = true;
         }
         if parses {
             frame::write_frame(&mut self.to_server, Some(b'S'), |_| {});

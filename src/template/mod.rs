@@ -14,7 +14,7 @@ mod codec;
 mod id;
 mod named;
 mod plan;
-pub use plan::{quote_identifier, quote_literal, PlanError, RestorePlan, RestoreStep};
+pub use plan::{quote_identifier, quote_literal, ParseStep, PlanError, RestorePlan, RestoreStep};
 mod registry;
 mod replay;
 

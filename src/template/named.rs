@@ -504,7 +504,7 @@ pub fn load_named_templates(config: &Config) -> Result<NamedTemplates, NamedTemp
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::template::{RestorePlan, RestoreStep};
+    use crate::template::RestorePlan;
 
     fn b(text: &str) -> Bytes {
         Bytes::copy_from_slice(text.as_bytes())
@@ -991,13 +991,7 @@ mod tests {
         ] {
             assert!(sql.contains(expected), "{expected:?} missing from {sql}");
         }
-        let parses: Vec<&Bytes> = plan
-            .parse_steps()
-            .filter_map(|step| match step {
-                RestoreStep::Parse { name, .. } => Some(name),
-                RestoreStep::Sql(_) => None,
-            })
-            .collect();
+        let parses: Vec<&Bytes> = plan.parse_steps().map(|step| step.name).collect();
         assert_eq!(parses, [&b("claim_jobs")]);
     }
 }

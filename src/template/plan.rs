@@ -312,11 +312,28 @@ impl RestorePlan {
     }
 
     /// The Parse steps, in order, to send after [`RestorePlan::sql_batch`].
-    pub fn parse_steps(&self) -> impl Iterator<Item = &RestoreStep> {
-        self.steps
-            .iter()
-            .filter(|step| matches!(step, RestoreStep::Parse { .. }))
+    pub fn parse_steps(&self) -> impl Iterator<Item = ParseStep<'_>> {
+        self.steps.iter().filter_map(|step| match step {
+            RestoreStep::Parse {
+                name,
+                query,
+                param_types,
+            } => Some(ParseStep {
+                name,
+                query,
+                param_types,
+            }),
+            RestoreStep::Sql(_) => None,
+        })
     }
+}
+
+/// A protocol Parse of a restore plan.
+#[derive(Clone, Copy, Debug)]
+pub struct ParseStep<'a> {
+    pub name: &'a Bytes,
+    pub query: &'a Bytes,
+    pub param_types: &'a [u32],
 }
 
 /// A double-quoted identifier with embedded `"` doubled, so any bytes name

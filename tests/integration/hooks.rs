@@ -3,7 +3,6 @@
 //! extended protocol, with the server as the judge of the state they
 //! produce.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use tokio_postgres::error::SqlState;
@@ -34,14 +33,6 @@ async fn harness() -> Harness {
 
 async fn show(client: &Client, name: &str) -> String {
     support::scalar(client, &format!("SHOW reprise.{name}")).await
-}
-
-async fn stats(client: &Client) -> BTreeMap<String, u64> {
-    rows(client, "SHOW reprise.stats")
-        .await
-        .into_iter()
-        .map(|row| (row[0].clone(), row[1].parse().expect("counter")))
-        .collect()
 }
 
 /// What the server says the session's borrowable state is.
@@ -339,7 +330,7 @@ fn parse(name: &str, sql: &str) -> Vec<u8> {
 async fn counters_and_unreplayable_statements() {
     let harness = harness().await;
     let (client, _) = harness.connect().await;
-    let before = stats(&client).await;
+    let before = support::reprise_stats(&client).await;
     client
         .batch_execute("DO $$ BEGIN PERFORM 1; END $$")
         .await
@@ -355,7 +346,7 @@ async fn counters_and_unreplayable_statements() {
         .await
         .expect("alter role");
     client.batch_execute("DISCARD ALL").await.expect("discard");
-    let after = stats(&client).await;
+    let after = support::reprise_stats(&client).await;
     assert!(after["statements_unclassified"] > before["statements_unclassified"]);
     assert!(after["state_probes"] > before["state_probes"]);
     assert!(after["credential_statements"] > before["credential_statements"]);

@@ -3,19 +3,9 @@
 //! table or advisory lock going away) is learnt at the next idle boundary,
 //! without the client seeing anything of it.
 
-use std::collections::BTreeMap;
-
 use tokio_postgres::Client;
 
 use crate::support::{self, query, text_rows, Harness, RawClient};
-
-async fn stats(client: &Client) -> BTreeMap<String, u64> {
-    text_rows(client, "SHOW reprise.stats")
-        .await
-        .into_iter()
-        .map(|row| (row[0].clone(), row[1].parse().expect("counter")))
-        .collect()
-}
 
 /// `SHOW reprise.state` rows of one kind, as (name, value).
 async fn state(client: &Client, kind: &str) -> Vec<(String, String)> {
@@ -43,7 +33,7 @@ async fn template(client: &Client) -> String {
 async fn settings_changed_by_server_code_and_bound_values_are_read_back() {
     let harness = Harness::start().await;
     let (client, _) = harness.connect().await;
-    let before = stats(&client).await;
+    let before = support::reprise_stats(&client).await;
     client
         .batch_execute("DO $$ BEGIN PERFORM set_config('work_mem', '7MB', false); END $$")
         .await
@@ -65,7 +55,7 @@ async fn settings_changed_by_server_code_and_bound_values_are_read_back() {
         "{settings:?}"
     );
     assert_eq!(non_recoverable(&client).await, Vec::<String>::new());
-    let after = stats(&client).await;
+    let after = support::reprise_stats(&client).await;
     assert!(after["state_probes"] >= before["state_probes"] + 2);
     assert_eq!(
         after["state_probe_failures"],
@@ -251,14 +241,14 @@ async fn a_refused_probe_turns_probing_off_and_loses_nothing() {
         .proxy_conn_str()
         .replace("user=postgres", "user=app");
     let (client, _) = support::connect(&conn_str).await;
-    let before = stats(&client).await;
+    let before = support::reprise_stats(&client).await;
     client
         .batch_execute("DO $$ BEGIN PERFORM 1; END $$")
         .await
         .expect("the client sees no error");
     assert_eq!(support::scalar(&client, "SELECT 1 + 1").await, "2");
     assert_eq!(non_recoverable(&client).await, ["Unclassified"]);
-    let after = stats(&client).await;
+    let after = support::reprise_stats(&client).await;
     assert_eq!(after["state_probes"], before["state_probes"] + 1);
     assert_eq!(
         after["state_probe_failures"],
@@ -270,7 +260,10 @@ async fn a_refused_probe_turns_probing_off_and_loses_nothing() {
         .batch_execute("DO $$ BEGIN PERFORM 2; END $$")
         .await
         .expect("do");
-    assert_eq!(stats(&client).await["state_probes"], after["state_probes"]);
+    assert_eq!(
+        support::reprise_stats(&client).await["state_probes"],
+        after["state_probes"]
+    );
     client.batch_execute("DISCARD ALL").await.expect("discard");
     assert_eq!(non_recoverable(&client).await, Vec::<String>::new());
 }

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
 use reprise::template::{
-    quote_identifier, PreparedOrigin, PreparedStatement, RestorePlan, RestoreStep, Template,
+    quote_identifier, PreparedOrigin, PreparedStatement, RestorePlan, Template,
 };
 use tokio_postgres::Client;
 
@@ -61,14 +61,7 @@ async fn apply(client: &Client, plan: &RestorePlan) {
             .unwrap_or_else(|err| panic!("batch {batch:?}: {err}"));
     }
     for step in plan.parse_steps() {
-        let RestoreStep::Parse {
-            name,
-            query,
-            param_types,
-        } = step
-        else {
-            unreachable!("parse_steps yields Parse steps");
-        };
+        let (name, query, param_types) = (step.name, step.query, step.param_types);
         let types: Vec<&str> = param_types
             .iter()
             .map(|oid| match oid {

@@ -24,7 +24,7 @@ use bytes::Bytes;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
-use reprise::template::{PreparedOrigin, PreparedStatement, RestorePlan, RestoreStep, Template};
+use reprise::template::{PreparedOrigin, PreparedStatement, RestorePlan, Template};
 
 use crate::support::{
     bind_message, close_message, data_rows, execute_message, parse_message, query, sync_message,
@@ -1355,18 +1355,11 @@ async fn restore_check(
     }
     let mut parses = Vec::new();
     for step in plan.parse_steps() {
-        if let RestoreStep::Parse {
-            name,
-            query,
-            param_types,
-        } = step
-        {
-            parses.extend(parse_message(
-                std::str::from_utf8(name).expect("utf-8 name"),
-                std::str::from_utf8(query).expect("utf-8 query"),
-                param_types,
-            ));
-        }
+        parses.extend(parse_message(
+            std::str::from_utf8(step.name).expect("utf-8 name"),
+            std::str::from_utf8(step.query).expect("utf-8 query"),
+            step.param_types,
+        ));
     }
     if !parses.is_empty() {
         parses.extend(sync_message());

@@ -432,6 +432,15 @@ pub async fn scalar(client: &Client, sql: &str) -> String {
         .unwrap_or_default()
 }
 
+/// `SHOW reprise.stats` as a map from counter to value.
+pub async fn reprise_stats(client: &Client) -> std::collections::BTreeMap<String, u64> {
+    text_rows(client, "SHOW reprise.stats")
+        .await
+        .into_iter()
+        .map(|row| (row[0].clone(), row[1].parse().expect("counter")))
+        .collect()
+}
+
 /// The rows of a simple query as text, NULL as "".
 pub async fn text_rows(client: &Client, sql: &str) -> Vec<Vec<String>> {
     client
