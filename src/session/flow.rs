@@ -147,6 +147,10 @@ enum Pending {
     /// Reprise's own reading of the session state (see
     /// [`resync`](crate::state::resync)).
     Probe(Probe),
+    /// The client ended COPY data (CopyDone or CopyFail) before the server
+    /// had said it was in copy-in mode: the Syncs before this mark reach
+    /// the server in copy-in mode, where it ignores them.
+    CopyEnd,
 }
 
 #[derive(Debug, Default)]
@@ -191,6 +195,10 @@ pub struct Flow {
     /// Read the state back from the server when the tracker cannot vouch
     /// for it; off after a probe fails.
     probes: bool,
+    /// The server is in copy-in mode for an extended-protocol Execute and
+    /// the client has not ended the data yet: a Sync now is ignored by the
+    /// server, so it awaits no answer.
+    copy_in: bool,
     queue: VecDeque<Pending>,
     /// Requests in flight when tracking is off.
     awaiting_ready: u32,
@@ -226,6 +234,7 @@ impl Flow {
             shared,
             tracking,
             probes,
+            copy_in: false,
             queue: VecDeque::new(),
             awaiting_ready: 0,
             status,
@@ -263,6 +272,9 @@ impl Flow {
             }
             return ClientStep::Forward;
         }
+        if self.copy_in && kind == FrontendKind::Sync {
+            return ClientStep::Forward;
+        }
         if self.skip_to_sync && kind.is_extended() {
             return ClientStep::Drop;
         }
@@ -279,11 +291,21 @@ impl Flow {
                 self.queue.push_back(Pending::Function(effect));
                 ClientStep::Forward
             }
-            FrontendKind::Flush
-            | FrontendKind::CopyData
-            | FrontendKind::CopyDone
-            | FrontendKind::CopyFail
-            | FrontendKind::Terminate => ClientStep::Forward,
+            FrontendKind::CopyDone | FrontendKind::CopyFail => {
+                if self.copy_in {
+                    self.copy_in = false;
+                } else if self
+                    .queue
+                    .iter()
+                    .any(|pending| matches!(pending, Pending::Execute(_)))
+                {
+                    self.queue.push_back(Pending::CopyEnd);
+                }
+                ClientStep::Forward
+            }
+            FrontendKind::Flush | FrontendKind::CopyData | FrontendKind::Terminate => {
+                ClientStep::Forward
+            }
         }
     }
 
@@ -955,6 +977,10 @@ impl Flow {
             }
             return ServerStep::Forward;
         }
+        while let Some(Pending::CopyEnd) = self.queue.front() {
+            // A COPY that never started: nothing answers the mark.
+            self.queue.pop_front();
+        }
         match self.queue.front() {
             Some(Pending::Switch(_)) => return self.switch_frame(tag, message),
             Some(Pending::Probe(_)) => return self.probe_frame(tag, message),
@@ -993,6 +1019,9 @@ impl Flow {
                 }
             },
             b's' => self.expect(|p| matches!(p, Pending::Execute(_))),
+            b'G' if matches!(self.queue.front(), Some(Pending::Execute(_))) => {
+                self.copy_in_started()
+            }
             b'V' => {
                 if let Some(Pending::Function(effect)) = self.queue.front_mut() {
                     let effect = std::mem::replace(effect, Effect::None);
@@ -1028,6 +1057,24 @@ impl Flow {
         }
         self.drain_local();
         ServerStep::Forward
+    }
+
+    /// CopyInResponse to an extended-protocol Execute: the Syncs the client
+    /// sent after it and before the end of the COPY data reach the server
+    /// in copy-in mode, which ignores them (libpq and tokio-postgres send
+    /// one right after the Execute).
+    fn copy_in_started(&mut self) {
+        let mut kept = VecDeque::with_capacity(self.queue.len());
+        let mut ended = false;
+        for (at, pending) in self.queue.drain(..).enumerate() {
+            match pending {
+                Pending::Sync if at > 0 && !ended => {}
+                Pending::CopyEnd if !ended => ended = true,
+                other => kept.push_back(other),
+            }
+        }
+        self.queue = kept;
+        self.copy_in = !ended;
     }
 
     /// SQL PREPARE, DEALLOCATE and DISCARD ALL act on the namespace that

@@ -189,6 +189,71 @@ async fn copy_in_out_and_fail() {
         support::scalar(&client, "select count(*) from copied").await,
         "10000"
     );
+
+    // The server ignores a Sync sent during COPY FROM STDIN (tokio-postgres
+    // sends one right after Execute): Reprise still knows which answer
+    // belongs to which request.
+    client
+        .batch_execute("set work_mem = '5MB'")
+        .await
+        .expect("set");
+    let state = support::text_rows(&client, "SHOW reprise.state").await;
+    assert!(
+        state
+            .iter()
+            .any(|row| row[0] == "setting" && row[1] == "work_mem" && row[2] == "5MB"),
+        "{state:?}"
+    );
+    assert!(
+        !state.iter().any(|row| row[0] == "non_recoverable"),
+        "{state:?}"
+    );
+    assert_eq!(
+        support::reprise_stats(&client).await["tracker_mismatches"],
+        0
+    );
+}
+
+#[tokio::test]
+async fn a_pipelined_copy_in_keeps_requests_and_answers_in_step() {
+    let harness = Harness::start().await;
+    let (admin, _) = harness.connect_direct().await;
+    admin
+        .batch_execute("create table copied (id int)")
+        .await
+        .expect("create");
+    let (mut raw, _) = support::RawClient::login(harness.proxy).await;
+    // Everything in one write: the first Sync arrives in copy-in mode and
+    // is ignored by the server, the second ends the batch.
+    let mut batch = support::parse_message("", "copy copied from stdin", &[]);
+    batch.extend(support::bind_message("", "", &[]));
+    batch.extend(support::execute_message("", 0));
+    batch.extend(support::sync_message());
+    batch.extend(support::frame(b'd', b"1\n2\n"));
+    batch.extend(support::frame(b'c', b""));
+    batch.extend(support::sync_message());
+    batch.extend(support::query("SET work_mem = '6MB'"));
+    raw.send(&batch).await;
+    let tags: Vec<u8> = raw.until_ready().await.iter().map(|m| m.tag).collect();
+    assert_eq!(tags, b"12GCZ".to_vec());
+    let tags: Vec<u8> = raw.until_ready().await.iter().map(|m| m.tag).collect();
+    assert_eq!(tags, b"CZ".to_vec());
+    raw.send(&support::query("SHOW reprise.state")).await;
+    let rows = support::data_rows(&raw.until_ready().await);
+    assert!(
+        rows.contains(&vec![
+            Some("setting".to_owned()),
+            Some("work_mem".to_owned()),
+            Some("6MB".to_owned())
+        ]),
+        "{rows:?}"
+    );
+    assert!(
+        !rows
+            .iter()
+            .any(|row| row[0].as_deref() == Some("non_recoverable")),
+        "{rows:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
