@@ -5,7 +5,7 @@
 
 use tokio_postgres::Client;
 
-use crate::support::{self, query, text_rows, Harness, RawClient};
+use crate::support::{self, query, state_row, text_rows, Harness, RawClient};
 
 /// `SHOW reprise.state` rows of one kind, as (name, value).
 async fn state(client: &Client, kind: &str) -> Vec<(String, String)> {
@@ -174,30 +174,22 @@ async fn pipelined_requests_wait_for_the_probe_and_see_nothing_of_it() {
     // Answered in its place, before the pipeline ran dry: the probe had
     // not run yet.
     let third = raw.until_ready().await;
-    let rows = support::data_rows(&third);
     assert!(
-        rows.contains(&vec![
+        support::data_rows(&third).contains(&vec![
             Some("non_recoverable".to_owned()),
             Some("Unclassified".to_owned()),
             Some(String::new())
         ]),
-        "{rows:?}"
+        "{third:?}"
     );
-    raw.send(&query("SHOW reprise.state")).await;
-    let rows = support::data_rows(&raw.until_ready().await);
+    let state = raw.reprise_state().await;
     assert!(
-        rows.contains(&vec![
-            Some("setting".to_owned()),
-            Some("work_mem".to_owned()),
-            Some("3MB".to_owned())
-        ]),
-        "{rows:?}"
+        state.contains(&state_row("setting", "work_mem", "3MB")),
+        "{state:?}"
     );
     assert!(
-        !rows
-            .iter()
-            .any(|row| row[0].as_deref() == Some("non_recoverable")),
-        "{rows:?}"
+        !state.iter().any(|row| row.0 == "non_recoverable"),
+        "{state:?}"
     );
 
     // A probe after an extended batch leaves the client's unnamed
@@ -217,15 +209,10 @@ async fn pipelined_requests_wait_for_the_probe_and_see_nothing_of_it() {
     let tags: Vec<u8> = messages.iter().map(|m| m.tag).collect();
     assert_eq!(tags, b"2DCZ".to_vec());
     assert_eq!(support::data_rows(&messages), [[Some("2".to_owned())]]);
-    raw.send(&query("SHOW reprise.state")).await;
-    let rows = support::data_rows(&raw.until_ready().await);
+    let state = raw.reprise_state().await;
     assert!(
-        rows.contains(&vec![
-            Some("setting".to_owned()),
-            Some("app.x".to_owned()),
-            Some("2".to_owned())
-        ]),
-        "{rows:?}"
+        state.contains(&state_row("setting", "app.x", "2")),
+        "{state:?}"
     );
 }
 

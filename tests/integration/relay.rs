@@ -238,21 +238,14 @@ async fn a_pipelined_copy_in_keeps_requests_and_answers_in_step() {
     assert_eq!(tags, b"12GCZ".to_vec());
     let tags: Vec<u8> = raw.until_ready().await.iter().map(|m| m.tag).collect();
     assert_eq!(tags, b"CZ".to_vec());
-    raw.send(&support::query("SHOW reprise.state")).await;
-    let rows = support::data_rows(&raw.until_ready().await);
+    let state = raw.reprise_state().await;
     assert!(
-        rows.contains(&vec![
-            Some("setting".to_owned()),
-            Some("work_mem".to_owned()),
-            Some("6MB".to_owned())
-        ]),
-        "{rows:?}"
+        state.contains(&support::state_row("setting", "work_mem", "6MB")),
+        "{state:?}"
     );
     assert!(
-        !rows
-            .iter()
-            .any(|row| row[0].as_deref() == Some("non_recoverable")),
-        "{rows:?}"
+        !state.iter().any(|row| row.0 == "non_recoverable"),
+        "{state:?}"
     );
 }
 

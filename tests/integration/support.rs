@@ -387,6 +387,19 @@ impl RawClient {
         one[0]
     }
 
+    /// `SHOW reprise.state` as (kind, name, value) rows, NULL as "".
+    pub async fn reprise_state(&mut self) -> Vec<(String, String, String)> {
+        self.send(&query("SHOW reprise.state")).await;
+        data_rows(&self.until_ready().await)
+            .into_iter()
+            .map(|row| {
+                let mut fields = row.into_iter().map(Option::unwrap_or_default);
+                let mut next = || fields.next().unwrap_or_default();
+                (next(), next(), next())
+            })
+            .collect()
+    }
+
     pub async fn until_ready(&mut self) -> Vec<Message> {
         let mut messages = Vec::new();
         loop {
@@ -473,4 +486,9 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("not within {limit:?}: {what}");
+}
+
+/// A `SHOW reprise.state` row.
+pub fn state_row(kind: &str, name: &str, value: &str) -> (String, String, String) {
+    (kind.to_owned(), name.to_owned(), value.to_owned())
 }
