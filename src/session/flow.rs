@@ -1061,8 +1061,8 @@ impl Flow {
 
     /// CopyInResponse to an extended-protocol Execute: the Syncs the client
     /// sent after it and before the end of the COPY data reach the server
-    /// in copy-in mode, which ignores them (libpq and tokio-postgres send
-    /// one right after the Execute).
+    /// in copy-in mode, which ignores them (tokio-postgres sends one right
+    /// after the Execute).
     fn copy_in_started(&mut self) {
         let mut kept = VecDeque::with_capacity(self.queue.len());
         let mut ended = false;
