@@ -11,6 +11,7 @@ pub mod backend;
 pub mod config;
 pub mod datadir;
 pub mod frontend;
+pub mod journal;
 pub mod proxy;
 pub mod session;
 pub mod state;

@@ -21,6 +21,11 @@ impl Counter {
         self.0[stripe()].0.fetch_add(1, Ordering::Relaxed);
     }
 
+    #[inline]
+    pub fn add(&self, amount: u64) {
+        self.0[stripe()].0.fetch_add(amount, Ordering::Relaxed);
+    }
+
     pub fn get(&self) -> u64 {
         self.0
             .iter()
@@ -87,6 +92,22 @@ counters! {
     state_probes,
     /// State probes the server refused; the session's probes stop.
     state_probe_failures,
+    /// Times a session's replay log outgrew `max_replay_log`; the session
+    /// is non-recoverable until its next safe point.
+    replay_log_overflows,
+    /// Records written to the journal.
+    journal_records,
+    /// Bytes written to the journal.
+    journal_bytes,
+    /// fsync calls on journal segments.
+    journal_fsyncs,
+    journal_segments_created,
+    journal_segments_deleted,
+    journal_checkpoints,
+    /// Failed journal writes (the sessions go on; their records are lost).
+    journal_write_errors,
+    /// Records dropped because the writer's queue was full.
+    journal_records_dropped,
 }
 
 #[cfg(test)]
