@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+use crate::journal::{CorruptionPolicy, FsyncPolicy, Retain, WriterSettings};
+
 /// Errors found while reading or checking a configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -165,6 +167,110 @@ impl Default for Keepalive {
     }
 }
 
+/// The session journal (see README, "The journal").
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JournalConfig {
+    /// Off: nothing is written to disk; replay logs stay in memory.
+    pub enabled: bool,
+    pub fsync: FsyncPolicy,
+    /// How often `batch` syncs (and `off` writes).
+    pub fsync_interval: HumanDuration,
+    pub segment_size: HumanSize,
+    pub segment_age: HumanDuration,
+    pub checkpoint_interval: HumanDuration,
+    /// Damage other than a torn tail: `quarantine` or `tolerate-tail`.
+    pub corruption: CorruptionPolicy,
+    /// `replay` (what replay needs) or `all` (every command: capture).
+    pub retain: Retain,
+    /// With `retain = "all"`: keep segments until they take this much…
+    pub retention_size: HumanSize,
+    /// … or are this old.
+    pub retention_age: HumanDuration,
+    /// Hard limit on the journal's size, whatever live sessions need.
+    pub max_size: HumanSize,
+    /// Records waiting for the writer beyond this are dropped (counted).
+    pub queue_limit: HumanSize,
+}
+
+impl Default for JournalConfig {
+    fn default() -> Self {
+        JournalConfig {
+            enabled: true,
+            fsync: FsyncPolicy::Batch,
+            fsync_interval: HumanDuration(Duration::from_millis(10)),
+            segment_size: HumanSize(64 * 1024 * 1024),
+            segment_age: HumanDuration(Duration::from_secs(300)),
+            checkpoint_interval: HumanDuration(Duration::from_secs(30)),
+            corruption: CorruptionPolicy::Quarantine,
+            retain: Retain::Replay,
+            retention_size: HumanSize(8 * 1024 * 1024 * 1024),
+            retention_age: HumanDuration(Duration::from_secs(7 * 24 * 3600)),
+            max_size: HumanSize(16 * 1024 * 1024 * 1024),
+            queue_limit: HumanSize(64 * 1024 * 1024),
+        }
+    }
+}
+
+impl JournalConfig {
+    pub fn writer_settings(&self, data_dir: &Path) -> WriterSettings {
+        WriterSettings {
+            dir: data_dir.join(crate::journal::JOURNAL_DIR),
+            fsync: self.fsync,
+            fsync_interval: self.fsync_interval.0,
+            segment_size: self.segment_size.0,
+            segment_age: self.segment_age.0,
+            checkpoint_interval: self.checkpoint_interval.0,
+            retain: self.retain,
+            retention_size: self.retention_size.0,
+            retention_age: self.retention_age.0,
+            max_size: self.max_size.0,
+            queue_limit: usize::try_from(self.queue_limit.0).unwrap_or(usize::MAX),
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let interval = self.fsync_interval.0;
+        if interval < Duration::from_millis(1) || interval > Duration::from_secs(10) {
+            return Err(ConfigError::invalid(
+                "journal.fsync_interval",
+                "must be from 1ms to 10s",
+            ));
+        }
+        if !(64 * 1024..=4 * 1024 * 1024 * 1024).contains(&self.segment_size.0) {
+            return Err(ConfigError::invalid(
+                "journal.segment_size",
+                "must be from 64KiB to 4GiB",
+            ));
+        }
+        if self.segment_age.0 < Duration::from_secs(1) {
+            return Err(ConfigError::invalid(
+                "journal.segment_age",
+                "must be at least 1s",
+            ));
+        }
+        if self.checkpoint_interval.0 < Duration::from_millis(100) {
+            return Err(ConfigError::invalid(
+                "journal.checkpoint_interval",
+                "must be at least 100ms",
+            ));
+        }
+        if self.max_size.0 < 2 * self.segment_size.0 {
+            return Err(ConfigError::invalid(
+                "journal.max_size",
+                "must be at least twice journal.segment_size",
+            ));
+        }
+        if self.queue_limit.0 < 1024 * 1024 {
+            return Err(ConfigError::invalid(
+                "journal.queue_limit",
+                "must be at least 1MiB",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The whole configuration, as read from TOML with defaults filled in.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -201,6 +307,11 @@ pub struct Config {
     /// for it, instead of leaving the session non-recoverable until DISCARD
     /// ALL.
     pub state_probe: bool,
+    /// Per session: message bytes kept since the last safe point for
+    /// replay; past it the session is non-recoverable until its next safe
+    /// point.
+    pub max_replay_log: HumanSize,
+    pub journal: JournalConfig,
     #[serde(rename = "backend")]
     pub backends: Vec<Backend>,
 }
@@ -223,6 +334,8 @@ impl Default for Config {
             max_open_files: 65_536,
             session_tracking: true,
             state_probe: true,
+            max_replay_log: HumanSize(1024 * 1024),
+            journal: JournalConfig::default(),
             backends: Vec::new(),
         }
     }
@@ -380,6 +493,13 @@ impl Config {
                 "must not be empty; leave the key out for no templates",
             ));
         }
+        if !(4 * 1024..=MAX_MESSAGE_SIZE).contains(&self.max_replay_log.0) {
+            return Err(ConfigError::invalid(
+                "max_replay_log",
+                "must be from 4KiB to 1GiB",
+            ));
+        }
+        self.journal.validate()?;
         if let Err(err) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
             return Err(ConfigError::invalid(
                 "log_level",
@@ -387,6 +507,10 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    pub fn max_replay_log(&self) -> usize {
+        usize::try_from(self.max_replay_log.0).unwrap_or(usize::MAX)
     }
 
     pub fn max_message_size(&self) -> usize {
@@ -410,6 +534,9 @@ impl Config {
         }
         if self.max_open_files != new.max_open_files {
             keys.push("max_open_files");
+        }
+        if self.journal != new.journal {
+            keys.push("journal");
         }
         keys
     }
@@ -459,6 +586,24 @@ mod tests {
             config.templates_dir,
             Some(PathBuf::from("/etc/reprise/templates"))
         );
+    }
+
+    #[test]
+    fn journal_settings() {
+        let backend = "[[backend]]\nname = \"a\"\nhost = \"h\"\n";
+        let config = parse(&format!(
+            "[journal]\nfsync = \"always\"\ncorruption = \"tolerate-tail\"\nretain = \"all\"\nsegment_size = \"1MiB\"\n{backend}"
+        ))
+        .expect("valid");
+        assert_eq!(config.journal.fsync, FsyncPolicy::Always);
+        assert_eq!(config.journal.corruption, CorruptionPolicy::TolerateTail);
+        assert_eq!(config.journal.retain, Retain::All);
+        assert_eq!(config.max_replay_log.0, 1024 * 1024);
+        let bad = parse(&format!("[journal]\nfsync = \"sometimes\"\n{backend}")).expect_err("bad");
+        assert!(bad.contains("fsync"), "{bad}");
+        let small =
+            parse(&format!("[journal]\nsegment_size = \"1KiB\"\n{backend}")).expect_err("small");
+        assert!(small.contains("journal.segment_size"), "{small}");
     }
 
     #[test]

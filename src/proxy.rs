@@ -11,6 +11,8 @@ use tokio_util::task::TaskTracker;
 use crate::config::Config;
 use crate::datadir::{DataDirError, DataDirLock};
 use crate::frontend::listener::Listener;
+use crate::journal::recovery::{self, Mode, Recovery, RecoveryError};
+use crate::journal::{Journal, JournalHandle};
 use crate::session::cancel::CancelRegistry;
 use crate::session::control::{Order, Sessions};
 use crate::stats::Stats;
@@ -25,6 +27,10 @@ pub enum ProxyError {
     Users(#[from] UsersFileError),
     #[error(transparent)]
     Templates(#[from] NamedTemplateError),
+    #[error(transparent)]
+    Journal(#[from] RecoveryError),
+    #[error("cannot start the journal writer in {dir}: {source}")]
+    JournalWriter { dir: String, source: std::io::Error },
     #[error("cannot listen on {address}: {source}")]
     Listen {
         address: String,
@@ -49,6 +55,8 @@ pub struct Shared {
     pub(crate) draining: CancellationToken,
     /// Orders to running sessions.
     pub(crate) sessions: Arc<Sessions>,
+    /// The journal writer's queue; none when the journal is off.
+    pub(crate) journal: Option<JournalHandle>,
     session_ids: AtomicU64,
 }
 
@@ -93,6 +101,7 @@ pub struct Proxy {
     shared: Arc<Shared>,
     listeners: Vec<Listener>,
     local_addr: SocketAddr,
+    journal: Option<Journal>,
     _lock: DataDirLock,
 }
 
@@ -128,22 +137,26 @@ impl Proxy {
             })?;
             listeners.push(unix);
         }
+        let stats = Arc::new(Stats::default());
+        let (journal, next_session) = open_journal(&config, &stats)?;
         let shared = Arc::new(Shared {
             config: RwLock::new(Arc::new(config)),
             users: RwLock::new(Arc::new(users)),
             templates: RwLock::new(templates),
             registry: Arc::new(Registry::new()),
-            stats: Arc::new(Stats::default()),
+            stats,
             cancel: Arc::new(CancelRegistry::default()),
             clients: AtomicUsize::new(0),
             draining: CancellationToken::new(),
             sessions: Arc::new(Sessions::default()),
-            session_ids: AtomicU64::new(0),
+            journal: journal.as_ref().map(Journal::handle),
+            session_ids: AtomicU64::new(next_session.saturating_sub(1)),
         });
         Ok(Proxy {
             shared,
             listeners,
             local_addr,
+            journal,
             _lock: lock,
         })
     }
@@ -193,7 +206,68 @@ impl Proxy {
             sessions.wait().await;
         }
         tracing::info!("all sessions closed");
+        if let Some(journal) = self.journal {
+            // Writes what is queued, syncs and leaves a last checkpoint.
+            let _ = tokio::task::spawn_blocking(move || journal.stop()).await;
+        }
     }
+}
+
+/// Reads the journal back (reporting what a crash left unfinished) and
+/// starts its writer. Returns the first session id to hand out.
+fn open_journal(config: &Config, stats: &Arc<Stats>) -> Result<(Option<Journal>, u64), ProxyError> {
+    if !config.journal.enabled {
+        return Ok((None, 1));
+    }
+    let settings = config.journal.writer_settings(&config.data_dir);
+    let recovered = recovery::scan(
+        &settings.dir,
+        Mode::Repair(config.journal.corruption),
+        false,
+        |_| {},
+        |_| {},
+    )?;
+    report_recovery(&recovered);
+    let journal =
+        Journal::start(settings.clone(), &recovered, Arc::clone(stats)).map_err(|source| {
+            ProxyError::JournalWriter {
+                dir: settings.dir.display().to_string(),
+                source,
+            }
+        })?;
+    Ok((Some(journal), recovered.next_session))
+}
+
+fn report_recovery(recovered: &Recovery) {
+    for problem in &recovered.checkpoint_problems {
+        tracing::warn!(problem = %problem, "journal checkpoint unreadable; an older one or a full scan is used");
+    }
+    if let Some(tail) = &recovered.torn_tail {
+        tracing::info!(damage = %tail, "journal: torn tail of the newest segment truncated");
+    }
+    for damage in recovered.inner_damage() {
+        tracing::error!(damage = %damage, "journal damage quarantined; the records around it were recovered");
+    }
+    let mut unfinished = 0;
+    for session in recovered.unfinished() {
+        unfinished += 1;
+        tracing::warn!(
+            session = session.session,
+            commands = session.commands.len(),
+            template = %session.template,
+            safe_point = %session.safe_point,
+            truncated = session.truncated,
+            "journal: session had unfinished work when Reprise stopped"
+        );
+    }
+    tracing::info!(
+        segments = recovered.segments.len(),
+        records = recovered.records,
+        templates = recovered.templates.len(),
+        open_sessions = recovered.sessions.len(),
+        unfinished,
+        "journal recovered"
+    );
 }
 
 /// Controls a running proxy from elsewhere (signal handlers, tests).

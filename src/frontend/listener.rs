@@ -80,7 +80,7 @@ impl Listener {
                     let span = tracing::info_span!("session", id, peer = %client.peer());
                     let shared = Arc::clone(&shared);
                     sessions.spawn(tracing::Instrument::instrument(
-                        handle_connection(client, shared),
+                        handle_connection(client, shared, id),
                         span,
                     ));
                 }

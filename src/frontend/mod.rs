@@ -24,7 +24,7 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Takes a freshly accepted connection through the startup phase and, if it
 /// asks for a session, runs it.
-pub async fn handle_connection(mut client: ClientStream, shared: Arc<Shared>) {
+pub async fn handle_connection(mut client: ClientStream, shared: Arc<Shared>, id: u64) {
     let startup = match tokio::time::timeout(STARTUP_TIMEOUT, negotiate(&mut client, &shared)).await
     {
         Ok(Ok(Some(startup))) => startup,
@@ -96,7 +96,7 @@ pub async fn handle_connection(mut client: ClientStream, shared: Arc<Shared>) {
             return;
         }
     }
-    session::run(client, startup, shared).await;
+    session::run(client, startup, shared, id).await;
 }
 
 /// Answers SSL and GSS requests with 'N' (no encryption on this

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 
 use crate::proxy::Shared;
+use crate::session::replay_log::{Completed, ReplayLog};
 use crate::state::effect::{isolation_name, Discard};
 use crate::state::resync::{self, ServerTruth};
 use crate::state::tracker::LOCAL_DEFAULT;
@@ -46,9 +47,15 @@ pub enum ServerStep {
     Consume,
 }
 
-/// Boundaries and safe points, for the replay log and the journal.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Commands, boundaries and safe points, for the journal.
+#[derive(Clone, Debug)]
 pub enum StateEvent {
+    /// The server answered a command in full; `safe_point` names the
+    /// template when the state after it is a safe point.
+    Command {
+        completed: Completed,
+        safe_point: Option<TemplateId>,
+    },
     /// ReadyForQuery with nothing in flight.
     Boundary { state_hash: StateHash },
     /// A boundary where the template alone is the session's state.
@@ -200,6 +207,10 @@ pub struct Flow {
     /// server, so it awaits no answer.
     copy_in: bool,
     queue: VecDeque<Pending>,
+    /// What was sent since the last safe point.
+    pub replay: ReplayLog,
+    /// The message being handled carries a credential.
+    credential: bool,
     /// Requests in flight when tracking is off.
     awaiting_ready: u32,
     status: u8,
@@ -228,6 +239,7 @@ impl Flow {
         tracking: bool,
         probes: bool,
         status: u8,
+        max_replay_log: usize,
     ) -> Self {
         Flow {
             tracker,
@@ -236,6 +248,8 @@ impl Flow {
             probes,
             copy_in: false,
             queue: VecDeque::new(),
+            replay: ReplayLog::new(max_replay_log),
+            credential: false,
             awaiting_ready: 0,
             status,
             unsynced: false,
@@ -272,6 +286,25 @@ impl Flow {
             }
             return ClientStep::Forward;
         }
+        // A Sync the server ignores in copy-in mode ends no request.
+        let ends_request = match kind {
+            FrontendKind::Query | FrontendKind::FunctionCall => true,
+            FrontendKind::Sync => !self.copy_in,
+            _ => false,
+        };
+        let step = self.tracked_client_frame(kind, message);
+        if step == ClientStep::Forward {
+            if std::mem::take(&mut self.credential) {
+                self.replay.mark_credential();
+            }
+            if self.replay.client_message(kind, message, ends_request) {
+                self.shared.stats.replay_log_overflows.inc();
+            }
+        }
+        step
+    }
+
+    fn tracked_client_frame(&mut self, kind: FrontendKind, message: &[u8]) -> ClientStep {
         if self.copy_in && kind == FrontendKind::Sync {
             return ClientStep::Forward;
         }
@@ -317,6 +350,7 @@ impl Flow {
             _ => None,
         });
         let Some(command) = command else {
+            self.credential = effects.contains(&Effect::Credential);
             // A Query drops the unnamed statement and portal.
             self.statements.unnamed = None;
             self.portals.unnamed = None;
@@ -382,6 +416,7 @@ impl Flow {
             self.answer(Answer::Bytes(out));
             return ClientStep::Drop;
         }
+        self.credential = effect == Effect::Credential;
         let previous = self
             .statements
             .insert(&name, Target::Server(effect.clone()));
@@ -576,6 +611,8 @@ impl Flow {
     /// the batch (its implicit transaction included), as it would have on
     /// an error of its own.
     fn abort_batch(&mut self, code: &str, message: &str) {
+        // The server sees a request of Reprise's own amid the client's.
+        self.tracker.mark_unreplayable();
         let mut out = BytesMut::new();
         reply::error(&mut out, Severity::Error, code, message, None);
         self.queue.push_back(Pending::Local(Answer::Bytes(out)));
@@ -662,6 +699,7 @@ impl Flow {
                 // The server's state now is its state at the last
                 // boundary: whatever the client sent since runs after.
                 self.shared.stats.safe_points.inc();
+                self.replay.safe_point(ready.template, ready.state_hash);
                 self.events.push(StateEvent::SafePoint {
                     template: ready.template,
                     state_hash: ready.state_hash,
@@ -766,6 +804,14 @@ impl Flow {
         let before = self.tracker.template().clone();
         self.tracker.switch_to(target);
         self.follow_prepared(&before);
+        // Switched at an idle boundary: the new template is the state.
+        let template = self.tracker.template_id();
+        let state_hash = self.tracker.state_hash();
+        self.replay.safe_point(template, state_hash);
+        self.events.push(StateEvent::SafePoint {
+            template,
+            state_hash,
+        });
         let mut out = BytesMut::new();
         reply::command_complete(&mut out, "SET");
         self.queue.push_front(Pending::Local(Answer::Bytes(out)));
@@ -958,12 +1004,31 @@ impl Flow {
         for kind in replay.non_recoverable.iter() {
             row("non_recoverable", format!("{kind:?}").as_bytes(), b"");
         }
+        if self.tracker.unreplayable() {
+            row("non_recoverable", b"Unreplayable", b"");
+        }
+        let commands = self.replay.len().to_string();
+        let bytes = self.replay.bytes().to_string();
+        row("replay_log", b"commands", commands.as_bytes());
+        row("replay_log", b"bytes", bytes.as_bytes());
+        if self.replay.over_bound() {
+            row("replay_log", b"over_bound", b"");
+        }
         rows
     }
 
     /// Handles a server frame. FATAL errors are the session's business;
     /// this sees them too, and forwards them.
     pub fn server_frame(&mut self, tag: u8, message: &[u8]) -> ServerStep {
+        let step = self.relayed_server_frame(tag, message);
+        // ReadyForQuery goes into the digest when it completes a command.
+        if self.tracking && step == ServerStep::Forward && tag != b'Z' {
+            self.replay.server_message(tag, message);
+        }
+        step
+    }
+
+    fn relayed_server_frame(&mut self, tag: u8, message: &[u8]) -> ServerStep {
         if !self.tracking {
             if tag == b'Z' {
                 self.awaiting_ready = self.awaiting_ready.saturating_sub(1);
@@ -1022,6 +1087,9 @@ impl Flow {
             b'G' if matches!(self.queue.front(), Some(Pending::Execute(_))) => {
                 self.copy_in_started()
             }
+            b'G' if matches!(self.queue.front(), Some(Pending::Query(_))) => {
+                self.replay.copy_in_started()
+            }
             b'V' => {
                 if let Some(Pending::Function(effect)) = self.queue.front_mut() {
                     let effect = std::mem::replace(effect, Effect::None);
@@ -1066,15 +1134,17 @@ impl Flow {
     fn copy_in_started(&mut self) {
         let mut kept = VecDeque::with_capacity(self.queue.len());
         let mut ended = false;
+        let mut ignored = 0;
         for (at, pending) in self.queue.drain(..).enumerate() {
             match pending {
-                Pending::Sync if at > 0 && !ended => {}
+                Pending::Sync if at > 0 && !ended => ignored += 1,
                 Pending::CopyEnd if !ended => ended = true,
                 other => kept.push_back(other),
             }
         }
         self.queue = kept;
         self.copy_in = !ended;
+        self.replay.syncs_ignored(ignored);
     }
 
     /// SQL PREPARE, DEALLOCATE and DISCARD ALL act on the namespace that
@@ -1194,6 +1264,16 @@ impl Flow {
 
     fn ready(&mut self) {
         let ready = self.tracker.ready(self.status);
+        let safe_point = ready.safe.then_some(ready.template);
+        if let Some(completed) = self
+            .replay
+            .completed(self.status, ready.state_hash, safe_point)
+        {
+            self.events.push(StateEvent::Command {
+                completed,
+                safe_point,
+            });
+        }
         let in_flight = self
             .queue
             .iter()

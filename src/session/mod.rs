@@ -10,7 +10,9 @@
 pub mod cancel;
 pub mod control;
 pub mod flow;
+pub mod recorder;
 pub mod relay;
+pub mod replay_log;
 
 use std::sync::Arc;
 use std::task::Poll;
@@ -30,6 +32,7 @@ use crate::wire::startup::StartupMessage;
 use cancel::{CancelHandle, CancelTarget, ClientKey};
 use control::{ControlHandle, Order};
 use flow::{ClientStep, Flow, ServerStep};
+use recorder::Recorder;
 use relay::{Event, Relay};
 
 /// How long a goodbye (a last error, a Terminate) may take to write.
@@ -56,7 +59,7 @@ enum Ending {
 
 /// Runs a session whose startup packet has been read. Returns when the
 /// session is over; both sockets are closed by then.
-pub async fn run<C>(mut client: C, startup: StartupMessage, shared: Arc<Shared>)
+pub async fn run<C>(mut client: C, startup: StartupMessage, shared: Arc<Shared>, id: u64)
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
@@ -111,7 +114,7 @@ where
             secret_key: server.secret_key,
         },
     );
-    Session::new(client, &startup, server, registration, shared)
+    Session::new(client, &startup, server, registration, shared, id)
         .run()
         .await;
 }
@@ -135,6 +138,9 @@ struct Session<C> {
     backend_name: String,
     draining: bool,
     control: ControlHandle,
+    /// Writes the session's records to the journal; none when the journal
+    /// or tracking is off.
+    recorder: Option<Recorder>,
     _cancel: CancelHandle,
 }
 
@@ -148,6 +154,7 @@ where
         server: ServerConnection,
         cancel: CancelHandle,
         shared: Arc<Shared>,
+        id: u64,
     ) -> Self {
         let mut greeting = BytesMut::new();
         reply::authentication_ok(&mut greeting);
@@ -166,13 +173,29 @@ where
                 .map(|(name, value)| (&name[..], &value[..])),
             greeting_parameters(&server.greeting),
         );
-        let flow = Flow::new(
+        let mut flow = Flow::new(
             tracker,
             Arc::clone(&shared),
             config.session_tracking,
             config.state_probe,
             status,
+            config.max_replay_log(),
         );
+        let recorder = match &shared.journal {
+            Some(journal) if config.session_tracking => {
+                let template_id = flow.tracker.template_id();
+                Some(Recorder::start(
+                    journal.clone(),
+                    Arc::clone(&shared.registry),
+                    id,
+                    config.journal.retain,
+                    &startup.parameters,
+                    flow.tracker.template(),
+                    template_id,
+                ))
+            }
+            _ => None,
+        };
 
         let mut relay = Relay::new(client, server.stream, server.pending);
         relay.to_client.push(greeting.freeze());
@@ -185,6 +208,7 @@ where
             backend_name: server.backend.name,
             draining: false,
             control: shared.sessions.register(),
+            recorder,
             _cancel: cancel,
         }
     }
@@ -198,6 +222,11 @@ where
             self.on_server_data().err()
         };
         while ending.is_none() {
+            if let Some(durable) = self.recorder.as_mut().and_then(Recorder::take_durable) {
+                // fsync `always`: the client learns of nothing before its
+                // record is on disk.
+                let _ = durable.await;
+            }
             let step = std::future::poll_fn(|cx| match self.control.poll_order(cx) {
                 Order::Terminate => Poll::Ready(Step::Terminate),
                 Order::Drain if !self.draining => Poll::Ready(Step::Drain),
@@ -350,7 +379,10 @@ where
         }
         self.forward_server_run(run_end);
         for event in self.flow.events.drain(..) {
-            tracing::trace!(?event, "session state");
+            match &mut self.recorder {
+                Some(recorder) => recorder.record(event),
+                None => tracing::trace!(?event, "session state"),
+            }
         }
         if let Some(message) = violation {
             return Err(Ending::ServerViolation(message));
@@ -376,6 +408,9 @@ where
 
     /// Says goodbye to both sides as the ending requires.
     async fn finish(mut self, ending: Ending) {
+        if let Some(recorder) = &mut self.recorder {
+            recorder.end();
+        }
         match &ending {
             Ending::ClientTerminated | Ending::ClientGone => {
                 tracing::debug!("session ended by the client")

@@ -219,6 +219,13 @@ impl Tracker {
         self.unreplayable
     }
 
+    /// Something since the last safe point cannot be replayed as sent (a
+    /// request of Reprise's own went to the server in its midst); cleared
+    /// at the next safe point.
+    pub fn mark_unreplayable(&mut self) {
+        self.unreplayable = true;
+    }
+
     /// The registered id of the current template.
     pub fn template_id(&mut self) -> TemplateId {
         self.register();

@@ -900,7 +900,7 @@ impl View {
                 "local" => {
                     view.locals.insert(name, value);
                 }
-                "savepoint" => {}
+                "savepoint" | "replay_log" => {}
                 "non_recoverable" => {
                     view.non_recoverable.insert(name);
                 }

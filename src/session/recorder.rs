@@ -1,0 +1,158 @@
+//! What one session writes to the journal.
+//!
+//! By default only what replay needs: a command is written when the state
+//! after it is not a safe point, and a safe-point record follows once the
+//! session is back at one (or has moved to another template). A session
+//! in autocommit mode whose statements leave its template alone writes
+//! nothing after its start. With `retain = "all"` every command is
+//! written.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::oneshot;
+
+use super::flow::StateEvent;
+use super::replay_log::{Completed, Omission};
+use crate::journal::record::now_micros;
+use crate::journal::{Appended, JournalHandle, Omitted, Record, Retain};
+use crate::template::{Registry, StateHash, Template, TemplateId};
+
+pub struct Recorder {
+    journal: JournalHandle,
+    registry: Arc<Registry>,
+    session: u64,
+    retain_all: bool,
+    /// Commands were written since the last safe-point record.
+    since_safe_point: bool,
+    /// The template of the last safe-point (or start) record.
+    template: Option<TemplateId>,
+    /// Under fsync `always`: resolved once the last record is durable.
+    durable: Option<oneshot::Receiver<()>>,
+}
+
+impl Recorder {
+    /// Writes the session's start record (and its template's definition
+    /// if the journal lacks it).
+    pub fn start(
+        journal: JournalHandle,
+        registry: Arc<Registry>,
+        session: u64,
+        retain: Retain,
+        startup: &[(Bytes, Bytes)],
+        template: &Template,
+        template_id: TemplateId,
+    ) -> Recorder {
+        let mut recorder = Recorder {
+            journal,
+            registry,
+            session,
+            retain_all: retain == Retain::All,
+            since_safe_point: false,
+            template: Some(template_id),
+            durable: None,
+        };
+        recorder.define(template_id, Some(template));
+        recorder.append(Record::SessionStart {
+            session,
+            at: now_micros(),
+            template: template_id,
+            startup: startup.to_vec(),
+        });
+        recorder
+    }
+
+    pub fn record(&mut self, event: StateEvent) {
+        match event {
+            StateEvent::Command {
+                completed,
+                safe_point,
+            } => {
+                let state_hash = completed.state_hash;
+                if self.retain_all || safe_point.is_none() {
+                    self.command(completed);
+                }
+                if let Some(template) = safe_point {
+                    self.safe_point(template, state_hash);
+                }
+            }
+            StateEvent::SafePoint {
+                template,
+                state_hash,
+            } => self.safe_point(template, state_hash),
+            StateEvent::Boundary { .. } => {}
+        }
+    }
+
+    fn command(&mut self, completed: Completed) {
+        let omitted = match completed.omitted {
+            Omission::None => Omitted::No,
+            Omission::Credential => Omitted::Credential,
+            Omission::OverBound => Omitted::OverBound,
+        };
+        self.since_safe_point = true;
+        self.append(Record::Command {
+            session: self.session,
+            at: now_micros(),
+            seq: completed.seq,
+            state_hash: completed.state_hash,
+            result_digest: completed.result_digest,
+            omitted,
+            message_len: completed.message_len,
+            messages: completed.messages,
+        });
+    }
+
+    fn safe_point(&mut self, template: TemplateId, state_hash: StateHash) {
+        if !self.since_safe_point && self.template == Some(template) {
+            return;
+        }
+        self.define(template, None);
+        self.append(Record::SafePoint {
+            session: self.session,
+            at: now_micros(),
+            template,
+            state_hash,
+        });
+        self.since_safe_point = false;
+        self.template = Some(template);
+    }
+
+    /// Writes a template's definition unless the journal has it.
+    fn define(&mut self, id: TemplateId, template: Option<&Template>) {
+        if !self.journal.needs_template(id) {
+            return;
+        }
+        let encoding = match template {
+            Some(template) => template.canonical_encoding(),
+            None => match self.registry.get(id) {
+                Some(template) => template.canonical_encoding(),
+                None => return,
+            },
+        };
+        self.append(Record::Template {
+            at: now_micros(),
+            id,
+            encoding: Bytes::from(encoding),
+        });
+    }
+
+    fn append(&mut self, record: Record) {
+        if let Appended::Durable(done) = self.journal.append(record) {
+            // Records become durable in order: the last one stands for all.
+            self.durable = Some(done);
+        }
+    }
+
+    /// The wait for the last record to be durable, if one is due.
+    pub fn take_durable(&mut self) -> Option<oneshot::Receiver<()>> {
+        self.durable.take()
+    }
+
+    pub fn end(&mut self) {
+        self.append(Record::SessionEnd {
+            session: self.session,
+            at: now_micros(),
+        });
+    }
+}
