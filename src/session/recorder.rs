@@ -16,6 +16,7 @@ use super::flow::StateEvent;
 use super::replay_log::{Completed, Omission};
 use crate::journal::record::now_micros;
 use crate::journal::{Appended, JournalHandle, Omitted, Record, Retain};
+use crate::state::{classify, Class, Kind, LexOptions};
 use crate::template::{Registry, StateHash, Template, TemplateId};
 
 pub struct Recorder {
@@ -123,12 +124,20 @@ impl Recorder {
         if !self.journal.needs_template(id) {
             return;
         }
-        let encoding = match template {
-            Some(template) => template.canonical_encoding(),
+        let registered;
+        let template = match template {
+            Some(template) => template,
             None => match self.registry.get(id) {
-                Some(template) => template.canonical_encoding(),
+                Some(template) => {
+                    registered = template;
+                    &*registered
+                }
                 None => return,
             },
+        };
+        let encoding = match without_credentials(template) {
+            Some(redacted) => redacted.canonical_encoding(),
+            None => template.canonical_encoding(),
         };
         self.append(Record::Template {
             at: now_micros(),
@@ -155,4 +164,28 @@ impl Recorder {
             at: now_micros(),
         });
     }
+}
+
+/// A copy of `template` whose prepared statements that carry a credential
+/// (`PREPARE p AS ALTER ROLE … PASSWORD …`, or the same by protocol Parse)
+/// have an empty text: the journal never holds a password. The copy's id
+/// differs from the one the records name, which marks the definition as
+/// redacted. `None` when nothing needs redacting.
+fn without_credentials(template: &Template) -> Option<Template> {
+    let options = LexOptions::default();
+    let carries = |query: &[u8]| classify(query, &options) == Class::Candidate(Kind::Credential);
+    if !template
+        .prepared
+        .values()
+        .any(|statement| carries(&statement.query))
+    {
+        return None;
+    }
+    let mut redacted = template.clone();
+    for statement in redacted.prepared.values_mut() {
+        if carries(&statement.query) {
+            statement.query = Bytes::new();
+        }
+    }
+    Some(redacted)
 }

@@ -7,6 +7,7 @@ mod clients;
 mod hooks;
 mod lifecycle;
 mod probe;
+mod recording;
 mod relay;
 mod restore_plan;
 mod state_truth;

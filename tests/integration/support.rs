@@ -63,6 +63,11 @@ impl Harness {
         }
     }
 
+    /// Reprise's data directory (the journal lives in `journal/`).
+    pub fn data_dir(&self) -> &std::path::Path {
+        self._data_dir.path()
+    }
+
     pub fn proxy_conn_str(&self) -> String {
         format!(
             "host=127.0.0.1 port={} user=postgres dbname=postgres",
