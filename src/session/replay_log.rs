@@ -328,3 +328,152 @@ fn digest_error(digest: &mut blake3::Hasher, message: &[u8]) {
         rest = tail.get(end + 1..).unwrap_or_default();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut out = vec![tag];
+        out.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+        out.extend_from_slice(body);
+        out
+    }
+
+    fn hash(n: u8) -> StateHash {
+        StateHash::from_bytes([n; 32])
+    }
+
+    #[test]
+    fn pipelined_requests_are_separate_commands_answered_in_order() {
+        let mut log = ReplayLog::new(1024);
+        let parse = frame(b'P', b"\0SELECT 1\0\0\0");
+        let sync = frame(b'S', b"");
+        log.client_message(FrontendKind::Parse, &parse, false);
+        log.client_message(FrontendKind::Sync, &sync, true);
+        log.client_message(FrontendKind::Query, &frame(b'Q', b"BEGIN\0"), true);
+        assert_eq!(log.len(), 2);
+        log.server_message(b'1', &frame(b'1', b""));
+        // Notices and parameter changes are not part of a result.
+        log.server_message(b'N', &frame(b'N', b"SNOTICE\0\0"));
+        let first = log.completed(b'I', hash(1), None).expect("first");
+        assert_eq!(first.seq, 1);
+        assert_eq!(first.messages.len(), parse.len() + sync.len());
+        let mut expected = blake3::Hasher::new();
+        expected.update(&frame(b'1', b""));
+        expected.update(b"ZI");
+        assert_eq!(first.result_digest, *expected.finalize().as_bytes());
+        let second = log.completed(b'T', hash(2), None).expect("second");
+        assert_eq!(second.seq, 2);
+        assert_eq!(log.done().len(), 2);
+        assert!(log.completed(b'I', hash(3), None).is_none());
+    }
+
+    #[test]
+    fn a_safe_point_empties_what_came_before() {
+        let mut log = ReplayLog::new(1024);
+        let template = TemplateId::from_bytes([5; 32]);
+        log.client_message(FrontendKind::Query, &frame(b'Q', b"BEGIN\0"), true);
+        log.completed(b'T', hash(1), None);
+        log.client_message(FrontendKind::Query, &frame(b'Q', b"COMMIT\0"), true);
+        log.client_message(FrontendKind::Query, &frame(b'Q', b"SELECT\0"), true);
+        assert!(log.bytes() > 0);
+        log.completed(b'I', hash(2), Some(template));
+        assert_eq!(log.done().len(), 0);
+        assert_eq!(log.len(), 1, "the pipelined SELECT is still in flight");
+        assert_eq!(log.last_safe_point(), Some((template, hash(2))));
+        log.completed(b'I', hash(2), Some(template));
+        assert!(log.is_empty());
+        assert_eq!(log.bytes(), 0);
+    }
+
+    #[test]
+    fn copy_data_joins_the_command_in_copy_mode() {
+        let mut log = ReplayLog::new(1024);
+        log.client_message(
+            FrontendKind::Query,
+            &frame(b'Q', b"COPY t FROM STDIN\0"),
+            true,
+        );
+        log.copy_in_started();
+        log.client_message(FrontendKind::CopyData, &frame(b'd', b"1\n"), false);
+        log.client_message(FrontendKind::CopyDone, &frame(b'c', b""), false);
+        log.client_message(FrontendKind::Query, &frame(b'Q', b"SELECT\0"), true);
+        let copy = log.completed(b'I', hash(1), None).expect("copy");
+        assert_eq!(&copy.messages[copy.messages.len() - 5..], b"c\0\0\0\x04");
+        let select = log.completed(b'I', hash(1), None).expect("select");
+        assert_eq!(select.messages[0], b'Q');
+    }
+
+    #[test]
+    fn syncs_ignored_in_copy_mode_end_nothing() {
+        let mut log = ReplayLog::new(1024);
+        log.client_message(FrontendKind::Bind, &frame(b'B', b"\0\0\0\0\0\0\0\0"), false);
+        log.client_message(FrontendKind::Execute, &frame(b'E', b"\0\0\0\0\0"), false);
+        log.client_message(FrontendKind::Sync, &frame(b'S', b""), true);
+        log.syncs_ignored(1);
+        assert_eq!(log.len(), 1);
+        log.client_message(FrontendKind::CopyData, &frame(b'd', b"x"), false);
+        log.client_message(FrontendKind::CopyDone, &frame(b'c', b""), false);
+        log.client_message(FrontendKind::Sync, &frame(b'S', b""), true);
+        let command = log.completed(b'I', hash(1), None).expect("command");
+        assert_eq!(command.message_len, 13 + 10 + 5 + 6 + 5 + 5);
+        assert!(log.is_empty());
+    }
+
+    #[test]
+    fn past_the_bound_nothing_is_kept_until_the_next_safe_point() {
+        let mut log = ReplayLog::new(64);
+        let template = TemplateId::from_bytes([5; 32]);
+        log.client_message(FrontendKind::Query, &frame(b'Q', b"BEGIN\0"), true);
+        log.completed(b'T', hash(1), None);
+        let big = frame(b'Q', &[b'x'; 100]);
+        assert!(log.client_message(FrontendKind::Query, &big, true));
+        assert!(log.over_bound());
+        assert_eq!(log.bytes(), 0);
+        assert!(log.done().iter().all(|c| c.omitted == Omission::OverBound));
+        let over = log.completed(b'T', hash(1), None).expect("over");
+        assert_eq!(over.omitted, Omission::OverBound);
+        assert!(over.messages.is_empty());
+        assert_eq!(over.message_len, big.len() as u64);
+        log.client_message(FrontendKind::Query, &frame(b'Q', b"COMMIT\0"), true);
+        log.completed(b'I', hash(2), Some(template));
+        assert!(!log.over_bound());
+        log.client_message(FrontendKind::Query, &frame(b'Q', b"BEGIN\0"), true);
+        assert_eq!(log.bytes(), 11);
+    }
+
+    #[test]
+    fn credentials_are_never_kept() {
+        let mut log = ReplayLog::new(1024);
+        log.client_message(FrontendKind::Parse, &frame(b'P', b"\0SELECT\0\0\0"), false);
+        log.mark_credential();
+        log.client_message(FrontendKind::Sync, &frame(b'S', b""), true);
+        let command = log.completed(b'I', hash(1), None).expect("command");
+        assert_eq!(command.omitted, Omission::Credential);
+        assert!(command.messages.is_empty());
+        assert_eq!(log.bytes(), 0);
+    }
+
+    #[test]
+    fn errors_are_digested_without_source_locations() {
+        let error = |line: &[u8]| {
+            let mut body = b"SERROR\0VERROR\0C42P01\0Mno such table\0F".to_vec();
+            body.extend_from_slice(line);
+            body.extend_from_slice(b"\0L12\0RparserOpenTable\0\0");
+            frame(b'E', &body)
+        };
+        let mut digests = Vec::new();
+        for file in [&b"parse_relation.c"[..], b"elsewhere.c"] {
+            let mut log = ReplayLog::new(1024);
+            log.client_message(FrontendKind::Query, &frame(b'Q', b"SELECT\0"), true);
+            log.server_message(b'E', &error(file));
+            digests.push(
+                log.completed(b'I', hash(1), None)
+                    .expect("done")
+                    .result_digest,
+            );
+        }
+        assert_eq!(digests[0], digests[1]);
+    }
+}
