@@ -105,6 +105,7 @@ fn init_logging(config: &Config) -> anyhow::Result<FilterHandle> {
     let (filter, handle) = reload::Layer::new(filter);
     let format = match config.log_format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .with_writer(std::io::stderr)
             .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()

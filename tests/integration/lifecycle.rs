@@ -13,7 +13,7 @@ use crate::support::{self, query, Harness, RawClient};
 
 const REPRISE: &str = env!("CARGO_BIN_EXE_reprise");
 
-struct Running(Child);
+pub(crate) struct Running(pub(crate) Child);
 
 impl Drop for Running {
     fn drop(&mut self) {
@@ -22,7 +22,7 @@ impl Drop for Running {
     }
 }
 
-fn serve(config: &Path) -> Running {
+pub(crate) fn serve(config: &Path) -> Running {
     Running(
         Command::new(REPRISE)
             .args(["serve", "--config"])
@@ -34,7 +34,12 @@ fn serve(config: &Path) -> Running {
     )
 }
 
-fn write_config(dir: &Path, port: u16, server_port: u16, extra: &str) -> std::path::PathBuf {
+pub(crate) fn write_config(
+    dir: &Path,
+    port: u16,
+    server_port: u16,
+    extra: &str,
+) -> std::path::PathBuf {
     let path = dir.join("reprise.toml");
     std::fs::write(
         &path,
@@ -47,7 +52,7 @@ fn write_config(dir: &Path, port: u16, server_port: u16, extra: &str) -> std::pa
     path
 }
 
-async fn wait_for_port(port: u16) {
+pub(crate) async fn wait_for_port(port: u16) {
     support::eventually(Duration::from_secs(20), "reprise listens", || async move {
         tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await

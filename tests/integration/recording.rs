@@ -426,3 +426,82 @@ async fn retain_all_keeps_every_command() {
         ["SELECT 0", "SELECT 1", "SELECT 2", "SELECT 3", "SELECT 4"]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_proxy_reports_unfinished_sessions_when_it_starts_again() {
+    use std::io::BufRead;
+
+    let cluster = crate::support::start_cluster(throwaway_pg::Options::default()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = throwaway_pg::lease_port().expect("port");
+    let config = crate::lifecycle::write_config(dir.path(), port.port(), cluster.port(), "");
+    let mut first = crate::lifecycle::serve(&config);
+    crate::lifecycle::wait_for_port(port.port()).await;
+    let conn_str = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=postgres",
+        port.port()
+    );
+    let (client, _) = crate::support::connect(&conn_str).await;
+    client
+        .batch_execute("CREATE TABLE crash_victim (id int)")
+        .await
+        .expect("create");
+    client.simple_query("BEGIN").await.expect("begin");
+    client
+        .simple_query("INSERT INTO crash_victim VALUES (1)")
+        .await
+        .expect("insert");
+    let (idle, _) = crate::support::connect(&conn_str).await;
+    idle.simple_query("SELECT 1").await.expect("select");
+    settle().await;
+    first.0.kill().expect("SIGKILL");
+    first.0.wait().expect("reap");
+    drop(client);
+    drop(idle);
+
+    let mut second = crate::lifecycle::serve(&config);
+    let stderr = second.0.stderr.take().expect("stderr");
+    let lines = tokio::task::spawn_blocking(move || {
+        let mut seen = Vec::new();
+        for line in std::io::BufReader::new(stderr).lines() {
+            let line = line.expect("line");
+            let done = line.contains("journal recovered");
+            seen.push(line);
+            if done {
+                break;
+            }
+        }
+        seen
+    })
+    .await
+    .expect("join");
+    let report: Vec<&String> = lines
+        .iter()
+        .filter(|line| line.contains("session had unfinished work"))
+        .collect();
+    assert_eq!(report.len(), 1, "{lines:#?}");
+    assert!(report[0].contains("commands=2"), "{}", report[0]);
+    let summary = lines.last().expect("summary");
+    assert!(
+        summary.contains("open_sessions=2") && summary.contains("unfinished=1"),
+        "{summary}"
+    );
+    drop(second);
+
+    let recovered = recovery::scan(
+        &dir.path().join("data/journal"),
+        Mode::ReadOnly,
+        false,
+        |_| {},
+        |_| {},
+    )
+    .expect("recovery");
+    let unfinished: Vec<_> = recovered.unfinished().collect();
+    assert_eq!(unfinished.len(), 1);
+    let texts: Vec<String> = unfinished[0]
+        .commands
+        .iter()
+        .filter_map(|c| query_text(&c.record))
+        .collect();
+    assert_eq!(texts, ["BEGIN", "INSERT INTO crash_victim VALUES (1)"]);
+}
