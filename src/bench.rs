@@ -1,6 +1,6 @@
-//! `reprise bench`: pgbench select-only, direct to PostgreSQL, through
-//! Reprise and (when available) through PgBouncer in session mode, all in
-//! one run and interleaved, so that the machine's drift hits every target
+//! `reprise bench`: pgbench (select-only, and TPC-B with `--workloads`),
+//! direct to PostgreSQL, through Reprise and (when available) through
+//! PgBouncer in session mode, all in one run and interleaved, so that the machine's drift hits every target
 //! alike. Reports the median TPS per cell, the ratios (the median of the
 //! ratios of runs made back to back) and what each proxy process spends in
 //! CPU time per transaction, the measure of its own cost that the
@@ -45,6 +45,29 @@ pub struct BenchArgs {
     /// measure what state tracking costs (the tracked/untracked column).
     #[arg(long)]
     untracked: bool,
+    /// Also run a second Reprise with the journal off, to measure what the
+    /// journal costs (the journal/no-journal column).
+    #[arg(long)]
+    journal: bool,
+    /// pgbench workloads: `select` (-S) and `tpcb` (the built-in TPC-B
+    /// like script).
+    #[arg(long, value_delimiter = ',', default_value = "select")]
+    workloads: Vec<Workload>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Workload {
+    Select,
+    Tpcb,
+}
+
+impl Workload {
+    fn name(self) -> &'static str {
+        match self {
+            Workload::Select => "select",
+            Workload::Tpcb => "tpcb",
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,6 +76,7 @@ enum Target {
     Reprise,
     PgBouncer,
     RepriseUntracked,
+    RepriseNoJournal,
 }
 
 impl Target {
@@ -62,6 +86,7 @@ impl Target {
             Target::Reprise => "reprise",
             Target::PgBouncer => "pgbouncer",
             Target::RepriseUntracked => "untracked",
+            Target::RepriseNoJournal => "nojournal",
         }
     }
 }
@@ -117,7 +142,7 @@ fn bench(args: &BenchArgs, interrupted: &CancellationToken) -> anyhow::Result<()
         &work.path().join("tracked"),
         reprise_port.port(),
         cluster.port(),
-        true,
+        "",
     )?;
     let mut targets = vec![
         (Target::Direct, cluster.port(), None),
@@ -149,11 +174,28 @@ fn bench(args: &BenchArgs, interrupted: &CancellationToken) -> anyhow::Result<()
             &work.path().join("untracked"),
             untracked_port.port(),
             cluster.port(),
-            false,
+            "session_tracking = false\n",
         )?;
         targets.push((
             Target::RepriseUntracked,
             untracked_port.port(),
+            Some(child.0.id()),
+        ));
+        Some(child)
+    } else {
+        None
+    };
+    let no_journal_port = throwaway_pg::lease_port()?;
+    let _no_journal = if args.journal {
+        let child = start_reprise(
+            &work.path().join("nojournal"),
+            no_journal_port.port(),
+            cluster.port(),
+            "[journal]\nenabled = false\n",
+        )?;
+        targets.push((
+            Target::RepriseNoJournal,
+            no_journal_port.port(),
             Some(child.0.id()),
         ));
         Some(child)
@@ -169,25 +211,25 @@ fn bench(args: &BenchArgs, interrupted: &CancellationToken) -> anyhow::Result<()
     let mut report = String::new();
     writeln!(
         report,
-        "\npgbench -S, {}s runs, {} interleaved rounds, -j {}: median TPS per target; \
+        "\npgbench, {}s runs, {} interleaved rounds, -j {}: median TPS per target; \
          each ratio is the median of the ratios within a round",
         args.seconds, args.pairs, args.threads
     )?;
-    write!(report, "{:<10} {:>7}", "mode", "clients")?;
+    write!(report, "{:<17} {:>7}", "workload/mode", "clients")?;
     for (target, _, _) in &targets {
         write!(report, " {:>13}", format!("{} tps", target.name()))?;
     }
     writeln!(
         report,
-        " {:>15} {:>18} {:>18}",
-        "reprise/direct", "reprise/pgbouncer", "tracked/untracked"
+        " {:>15} {:>18} {:>18} {:>18}",
+        "reprise/direct", "reprise/pgbouncer", "tracked/untracked", "journal/nojournal"
     )?;
     let mut cpu_report = String::new();
     writeln!(
         cpu_report,
         "\nproxy CPU time per transaction (user + system, µs, median)"
     )?;
-    write!(cpu_report, "{:<10} {:>7}", "mode", "clients")?;
+    write!(cpu_report, "{:<17} {:>7}", "workload/mode", "clients")?;
     for (target, _, pid) in &targets {
         if pid.is_some() {
             write!(cpu_report, " {:>13}", target.name())?;
@@ -195,13 +237,18 @@ fn bench(args: &BenchArgs, interrupted: &CancellationToken) -> anyhow::Result<()
     }
     writeln!(
         cpu_report,
-        " {:>18} {:>18}",
-        "reprise/pgbouncer", "tracked/untracked"
+        " {:>18} {:>18} {:>18}",
+        "reprise/pgbouncer", "tracked/untracked", "journal/nojournal"
     )?;
     let position = |wanted: Target| targets.iter().position(|(target, _, _)| *target == wanted);
     let reprise_at = position(Target::Reprise).unwrap_or(1);
     let mut all_samples: Vec<Vec<Sample>> = vec![Vec::new(); targets.len()];
-    for mode in &args.modes {
+    let cells: Vec<(Workload, &String)> = args
+        .workloads
+        .iter()
+        .flat_map(|workload| args.modes.iter().map(move |mode| (*workload, mode)))
+        .collect();
+    for &(workload, mode) in &cells {
         for &clients in &args.clients {
             let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); targets.len()];
             for pair in 0..args.pairs {
@@ -211,9 +258,16 @@ fn bench(args: &BenchArgs, interrupted: &CancellationToken) -> anyhow::Result<()
                     }
                     let (target, port, pid) = targets[index];
                     let cpu_before = pid.map(process_cpu).transpose()?;
-                    let run =
-                        run_pgbench(&pgbench, mode, clients, args.threads, args.seconds, port)
-                            .with_context(|| format!("pgbench against {}", target.name()))?;
+                    let run = run_pgbench(
+                        &pgbench,
+                        workload,
+                        mode,
+                        clients,
+                        args.threads,
+                        args.seconds,
+                        port,
+                    )
+                    .with_context(|| format!("pgbench against {}", target.name()))?;
                     let cpu_per_transaction = match (pid, cpu_before) {
                         (Some(pid), Some(before)) => {
                             let spent = process_cpu(pid)? - before;
@@ -222,7 +276,8 @@ fn bench(args: &BenchArgs, interrupted: &CancellationToken) -> anyhow::Result<()
                         _ => None,
                     };
                     println!(
-                        "  {mode:<8} c={clients:<3} run {} {:<9} {:>10.0} tps{}",
+                        "  {:<6} {mode:<8} c={clients:<3} run {} {:<9} {:>10.0} tps{}",
+                        workload.name(),
                         pair + 1,
                         target.name(),
                         run.tps,
@@ -239,7 +294,7 @@ fn bench(args: &BenchArgs, interrupted: &CancellationToken) -> anyhow::Result<()
             write_rows(
                 &mut report,
                 &mut cpu_report,
-                &format!("{mode:<10} {clients:>7}"),
+                &format!("{:<17} {clients:>7}", format!("{}/{mode}", workload.name())),
                 &samples,
                 reprise_at,
                 &position,
@@ -249,12 +304,12 @@ fn bench(args: &BenchArgs, interrupted: &CancellationToken) -> anyhow::Result<()
             }
         }
     }
-    if args.modes.len() * args.clients.len() > 1 {
+    if cells.len() * args.clients.len() > 1 {
         // Every round of every cell: the most samples for each ratio.
         write_rows(
             &mut report,
             &mut cpu_report,
-            &format!("{:<18}", "all rounds"),
+            &format!("{:<25}", "all rounds"),
             &all_samples,
             reprise_at,
             &position,
@@ -312,16 +367,18 @@ fn write_rows(
     }
     writeln!(
         report,
-        " {:>15} {:>18} {:>18}",
+        " {:>15} {:>18} {:>18} {:>18}",
         ratio(Target::Direct, &tps),
         ratio(Target::PgBouncer, &tps),
         ratio(Target::RepriseUntracked, &tps),
+        ratio(Target::RepriseNoJournal, &tps),
     )?;
     writeln!(
         cpu_report,
-        " {:>18} {:>18}",
+        " {:>18} {:>18} {:>18}",
         ratio(Target::PgBouncer, &cpu),
         ratio(Target::RepriseUntracked, &cpu),
+        ratio(Target::RepriseNoJournal, &cpu),
     )
 }
 
@@ -386,14 +443,19 @@ fn connection_args(host: &str, port: u16) -> Vec<String> {
 
 fn run_pgbench(
     pgbench: &Path,
+    workload: Workload,
     mode: &str,
     clients: u32,
     threads: u32,
     seconds: u32,
     port: u16,
 ) -> anyhow::Result<PgbenchRun> {
-    let output = Command::new(pgbench)
-        .args(["-S", "-n", "-M", mode])
+    let mut command = Command::new(pgbench);
+    if workload == Workload::Select {
+        command.arg("-S");
+    }
+    let output = command
+        .args(["-n", "-M", mode])
         .args([
             "-c",
             &clients.to_string(),
@@ -451,16 +513,17 @@ fn median(values: &mut [f64]) -> f64 {
     }
 }
 
+/// A Reprise with `settings` (TOML) on top of the defaults.
 fn start_reprise(
     work: &Path,
     port: u16,
     server_port: u16,
-    tracking: bool,
+    settings: &str,
 ) -> anyhow::Result<Guarded> {
     let exe = std::env::current_exe().context("cannot find the reprise executable")?;
     std::fs::create_dir_all(work)?;
     let config = work.join("reprise.toml");
-    std::fs::write(&config, format!("session_tracking = {tracking}\n"))?;
+    std::fs::write(&config, settings)?;
     let child = Command::new(exe)
         .args(["serve", "--config", &config.display().to_string()])
         .args(["--listen", &format!("127.0.0.1:{port}")])
