@@ -900,4 +900,78 @@ mod tests {
         let recovered = recover(dir.path());
         assert_eq!(recovered.sessions[&1].commands.len(), 1);
     }
+
+    #[test]
+    fn retain_all_keeps_segments_until_the_retention_size() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let stats = Arc::new(Stats::default());
+        let mut all = settings(dir.path(), FsyncPolicy::Off);
+        all.retain = Retain::All;
+        all.retention_size = 5 * 4096;
+        let journal = Journal::start(all, &Recovery::default(), Arc::clone(&stats)).expect("start");
+        let handle = journal.handle();
+        let template = TemplateId::from_bytes([3; 32]);
+        for seq in 1..=200 {
+            handle.append(start(seq, template));
+            handle.append(command(seq, 1, 200));
+            handle.append(Record::SessionEnd {
+                session: seq,
+                at: 0,
+            });
+            if seq % 20 == 0 {
+                std::thread::sleep(Duration::from_millis(25));
+            }
+        }
+        journal.stop();
+        let left = segment::list_segments(dir.path()).expect("list");
+        let size: u64 = left
+            .iter()
+            .map(|(_, path)| std::fs::metadata(path).expect("meta").len())
+            .sum();
+        // Kept up to the retention size (plus the segment being written),
+        // far less than was written.
+        assert!(stats.journal_segments_deleted.get() > 10);
+        assert!(size <= 6 * 4096, "{size}");
+        assert!(left.len() >= 4, "{left:?}");
+        // What is kept is every command, not only unfinished ones.
+        let mut commands = 0;
+        recovery::scan(
+            dir.path(),
+            Mode::ReadOnly,
+            true,
+            |r| {
+                commands += u64::from(matches!(r.record, Record::Command { .. }));
+            },
+            |_| {},
+        )
+        .expect("scan");
+        assert!(commands > 20, "{commands}");
+    }
+
+    #[test]
+    fn segments_rotate_by_age_and_max_size_wins_over_a_stuck_session() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let stats = Arc::new(Stats::default());
+        let mut aged = settings(dir.path(), FsyncPolicy::Batch);
+        aged.segment_age = Duration::from_millis(1);
+        aged.max_size = 3 * 4096;
+        let journal =
+            Journal::start(aged, &Recovery::default(), Arc::clone(&stats)).expect("start");
+        let handle = journal.handle();
+        let template = TemplateId::from_bytes([4; 32]);
+        // Session 1 never reaches a safe point: it pins its segment until
+        // max_size forces it out.
+        handle.append(start(1, template));
+        for seq in 1..=60 {
+            handle.append(command(1, seq, 300));
+            std::thread::sleep(Duration::from_millis(3));
+        }
+        std::thread::sleep(Duration::from_millis(60));
+        journal.stop();
+        assert!(stats.journal_segments_created.get() >= 5);
+        assert!(stats.journal_segments_deleted.get() >= 1);
+        let recovered = recover(dir.path());
+        let session = &recovered.sessions[&1];
+        assert!(session.truncated, "{session:?}");
+    }
 }
