@@ -290,6 +290,9 @@ pub struct Config {
     /// A tracing filter directive, such as `info` or `reprise=debug`.
     pub log_level: String,
     pub max_client_conn: usize,
+    /// Threads that run sessions (each session stays on one); defaults to
+    /// the number of CPUs.
+    pub workers: usize,
     pub connect_timeout: HumanDuration,
     pub shutdown_timeout: HumanDuration,
     /// Largest protocol message accepted from either side.
@@ -327,6 +330,7 @@ impl Default for Config {
             log_format: LogFormat::Text,
             log_level: "info".to_owned(),
             max_client_conn: 10_000,
+            workers: std::thread::available_parallelism().map_or(1, usize::from),
             connect_timeout: HumanDuration(Duration::from_secs(10)),
             shutdown_timeout: HumanDuration(Duration::from_secs(30)),
             max_message_size: HumanSize(256 * 1024 * 1024),
@@ -445,6 +449,9 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        if !(1..=1024).contains(&self.workers) {
+            return Err(ConfigError::invalid("workers", "must be from 1 to 1024"));
+        }
         if self.connect_timeout.0.is_zero() {
             return Err(ConfigError::invalid(
                 "connect_timeout",
@@ -534,6 +541,9 @@ impl Config {
         }
         if self.max_open_files != new.max_open_files {
             keys.push("max_open_files");
+        }
+        if self.workers != new.workers {
+            keys.push("workers");
         }
         if self.journal != new.journal {
             keys.push("journal");

@@ -19,6 +19,7 @@ pub mod stats;
 pub mod template;
 pub mod users;
 pub mod wire;
+pub mod workers;
 
 pub use config::Config;
 pub use proxy::{Proxy, ProxyHandle};

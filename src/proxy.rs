@@ -18,6 +18,7 @@ use crate::session::control::{Order, Sessions};
 use crate::stats::Stats;
 use crate::template::{load_named_templates, NamedTemplateError, NamedTemplates, Registry};
 use crate::users::{Users, UsersFileError};
+use crate::workers::Workers;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -31,6 +32,8 @@ pub enum ProxyError {
     Journal(#[from] RecoveryError),
     #[error("cannot start the journal writer in {dir}: {source}")]
     JournalWriter { dir: String, source: std::io::Error },
+    #[error("cannot start the worker threads: {0}")]
+    Workers(std::io::Error),
     #[error("cannot listen on {address}: {source}")]
     Listen {
         address: String,
@@ -102,6 +105,8 @@ pub struct Proxy {
     listeners: Vec<Listener>,
     local_addr: SocketAddr,
     journal: Option<Journal>,
+    workers: Workers,
+    sessions: TaskTracker,
     _lock: DataDirLock,
 }
 
@@ -137,6 +142,7 @@ impl Proxy {
             })?;
             listeners.push(unix);
         }
+        let workers = config.workers;
         let stats = Arc::new(Stats::default());
         let (journal, next_session) = open_journal(&config, &stats)?;
         let shared = Arc::new(Shared {
@@ -152,11 +158,15 @@ impl Proxy {
             journal: journal.as_ref().map(Journal::handle),
             session_ids: AtomicU64::new(next_session.saturating_sub(1)),
         });
+        let sessions = TaskTracker::new();
+        let workers = Workers::start(workers, &shared, &sessions).map_err(ProxyError::Workers)?;
         Ok(Proxy {
             shared,
             listeners,
             local_addr,
             journal,
+            workers,
+            sessions,
             _lock: lock,
         })
     }
@@ -175,17 +185,25 @@ impl Proxy {
     /// Serves until shutdown: then stops accepting, lets sessions end as
     /// they become idle, and closes the rest after `shutdown_timeout`.
     pub async fn run(self) {
-        let sessions = TaskTracker::new();
+        let sessions = self.sessions;
+        let workers = Arc::new(self.workers);
         let mut accepting = Vec::new();
         for listener in self.listeners {
             tracing::info!(listener = %listener.describe(), "accepting connections");
             accepting.push(tokio::spawn(
-                listener.serve(Arc::clone(&self.shared), sessions.clone()),
+                listener.serve(Arc::clone(&self.shared), Arc::clone(&workers)),
             ));
         }
         self.shared.draining.cancelled().await;
         for task in accepting {
             let _ = task.await;
+        }
+        let mut workers = match Arc::try_unwrap(workers) {
+            Ok(workers) => Some(workers),
+            Err(_) => None,
+        };
+        if let Some(workers) = &mut workers {
+            workers.close();
         }
         sessions.close();
         let timeout = self.shared.config().shutdown_timeout.0;
@@ -206,6 +224,9 @@ impl Proxy {
             sessions.wait().await;
         }
         tracing::info!("all sessions closed");
+        if let Some(workers) = workers {
+            let _ = tokio::task::spawn_blocking(move || workers.join()).await;
+        }
         if let Some(journal) = self.journal {
             // Writes what is queued, syncs and leaves a last checkpoint.
             let _ = tokio::task::spawn_blocking(move || journal.stop()).await;

@@ -7,11 +7,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, UnixListener};
-use tokio_util::task::TaskTracker;
-
-use super::{handle_connection, ClientStream};
+use super::ClientStream;
 use crate::proxy::Shared;
+use crate::workers::Workers;
+use tokio::net::{TcpListener, UnixListener};
 
 #[derive(Debug)]
 pub enum Listener {
@@ -65,9 +64,9 @@ impl Listener {
         }
     }
 
-    /// Accepts until the proxy starts draining; each connection becomes a
-    /// task tracked by `sessions`.
-    pub async fn serve(self, shared: Arc<Shared>, sessions: TaskTracker) {
+    /// Accepts until the proxy starts draining; each connection goes to a
+    /// worker.
+    pub async fn serve(self, shared: Arc<Shared>, workers: Arc<Workers>) {
         let draining = shared.draining.clone();
         loop {
             let accepted = tokio::select! {
@@ -75,15 +74,7 @@ impl Listener {
                 accepted = self.accept(&shared) => accepted,
             };
             match accepted {
-                Ok(client) => {
-                    let id = shared.next_session_id();
-                    let span = tracing::info_span!("session", id, peer = %client.peer());
-                    let shared = Arc::clone(&shared);
-                    sessions.spawn(tracing::Instrument::instrument(
-                        handle_connection(client, shared, id),
-                        span,
-                    ));
-                }
+                Ok(client) => workers.dispatch(client, shared.next_session_id()),
                 Err(err) => {
                     // Out of file descriptors or a connection reset before
                     // accept: back off briefly instead of spinning.
