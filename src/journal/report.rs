@@ -279,7 +279,11 @@ impl fmt::Display for Report {
         row(f, "started", self.sessions.started.to_string())?;
         row(f, "ended", self.sessions.ended.to_string())?;
         row(f, "still open", self.sessions.open.to_string())?;
-        row(f, "with unfinished work", self.sessions.unfinished.to_string())?;
+        row(
+            f,
+            "with unfinished work",
+            self.sessions.unfinished.to_string(),
+        )?;
         writeln!(f, "commands")?;
         row(f, "count", self.commands.count.to_string())?;
         row(f, "message bytes", self.commands.message_bytes.to_string())?;
@@ -292,7 +296,11 @@ impl fmt::Display for Report {
             )?;
         }
         writeln!(f, "templates")?;
-        row(f, "definitions written", self.templates.definitions.to_string())?;
+        row(
+            f,
+            "definitions written",
+            self.templates.definitions.to_string(),
+        )?;
         row(f, "distinct", self.templates.distinct.to_string())?;
         row(f, "references", self.templates.references.to_string())?;
         row(
@@ -430,7 +438,10 @@ mod tests {
     #[test]
     fn percentiles_are_nearest_rank() {
         let d = Distribution::of((1..=100).rev().collect());
-        assert_eq!((d.count, d.p50, d.p90, d.p99, d.max), (100, 50, 90, 99, 100));
+        assert_eq!(
+            (d.count, d.p50, d.p90, d.p99, d.max),
+            (100, 50, 90, 99, 100)
+        );
         assert_eq!(Distribution::of(vec![]), Distribution::default());
         let d = Distribution::of(vec![7]);
         assert_eq!((d.p50, d.p99, d.max), (7, 7, 7));

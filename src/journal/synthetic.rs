@@ -115,7 +115,10 @@ mod tests {
         }
         let query = messages(7, 42, 40);
         assert_eq!(&query[..1], b"Q");
-        assert_eq!(u32::from_be_bytes([query[1], query[2], query[3], query[4]]), 39);
+        assert_eq!(
+            u32::from_be_bytes([query[1], query[2], query[3], query[4]]),
+            39
+        );
         assert!(query.starts_with(b"Q\0\0\0\x27SELECT 7, 42 "));
         assert_eq!(query.last(), Some(&0));
     }
