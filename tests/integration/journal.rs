@@ -1025,3 +1025,69 @@ fn fuzz_corpus_passes_the_fuzz_target_checks() {
         fuzz_checks::check(&data);
     }
 }
+
+fn reprise(args: &[&str], dir: &Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_reprise"))
+        .arg("journal")
+        .args(args)
+        .arg(dir)
+        .output()
+        .expect("run reprise journal")
+}
+
+#[test]
+fn tools_read_the_golden_journal() {
+    let golden = fixtures().join("golden");
+    let out = reprise(&["stats", "--json"], &golden);
+    assert!(out.status.success(), "{out:?}");
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(stats["records"]["command"]["records"], 4);
+    assert_eq!(stats["sessions"]["started"], 2);
+    assert_eq!(stats["sessions"]["ended"], 1);
+    assert_eq!(stats["sessions"]["unfinished"], 1);
+    assert_eq!(stats["commands"]["omitted"]["credential"], 1);
+    assert_eq!(stats["templates"]["dedup_ratio"], 3.0);
+    assert_eq!(stats["commands_between_safe_points"]["max"], 3);
+    assert_eq!(stats["damage"].as_array().map(Vec::len), Some(0));
+
+    let out = reprise(&["inspect", "--json"], &golden);
+    assert!(out.status.success(), "{out:?}");
+    let lines: Vec<serde_json::Value> = out
+        .stdout
+        .split(|b| *b == b'\n')
+        .filter(|line| !line.is_empty())
+        .map(|line| serde_json::from_slice(line).expect("JSON line"))
+        .collect();
+    assert_eq!(lines.len(), golden_records().len());
+    assert_eq!(lines[3]["time"], "2023-11-14T22:13:20.000003Z");
+    let tags: Vec<&str> = lines[3]["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .filter_map(|m| m["tag"].as_str())
+        .collect();
+    assert_eq!(tags, ["P", "B", "E", "S"]);
+    assert_eq!(lines[3]["messages"][0]["text"], "SELECT $1::int + 1");
+
+    let out = reprise(&["inspect", "--session", "2"], &golden);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.lines().count(), 2, "{text}");
+    assert!(text.contains("Q \"SET x = 1;\""), "{text}");
+}
+
+#[test]
+fn tools_report_damage_and_refuse_a_directory_without_journal() {
+    let dir = copy_journal(&fixtures().join("golden"));
+    damage_file(dir.path(), 1, |data| data[300] ^= 0x08);
+    let out = reprise(&["stats"], dir.path());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(text.contains("segment 1 offset"), "{text}");
+    let out = reprise(&["inspect"], dir.path());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("damage segment 1 offset"));
+
+    let empty = tempfile::tempdir().expect("tempdir");
+    let out = reprise(&["stats"], empty.path());
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no journal in"));
+}
