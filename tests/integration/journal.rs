@@ -506,7 +506,7 @@ fn killed_writer_loses_only_a_suffix_and_never_a_durable_record() {
     let mut durable_total = 0;
     let mut torn_tails = 0;
     for round in 0..20 {
-        // Large records make a write that the kill cuts short likely: a
+        // Large records give the kill a chance to cut a write short: a
         // torn tail.
         let size = if round % 2 == 0 { 200 } else { 256 * 1024 };
         let mut child = spawn_load(data_dir.path(), size);
