@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod journal_cli;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -36,6 +37,9 @@ enum Command {
     /// pgbench select-only through Reprise, directly and through PgBouncer,
     /// interleaved in one run, with ratios.
     Bench(bench::BenchArgs),
+    /// Read the journal (stats, inspect) or put a synthetic load through
+    /// its writer (load, bench).
+    Journal(journal_cli::JournalArgs),
 }
 
 #[derive(Args, Debug)]
@@ -65,14 +69,19 @@ struct ServeArgs {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")
+    };
     match cli.command {
-        Command::Serve(args) => runtime.block_on(serve(args)),
-        Command::Demo(args) => runtime.block_on(demo::run(args)),
-        Command::Bench(args) => runtime.block_on(bench::run(args)),
+        Command::Serve(args) => runtime()?.block_on(serve(args)),
+        Command::Demo(args) => runtime()?.block_on(demo::run(args)),
+        Command::Bench(args) => runtime()?.block_on(bench::run(args)),
+        // Plain threads: the journal writer is one, and waiting for
+        // durability blocks.
+        Command::Journal(args) => journal_cli::run(args),
     }
 }
 

@@ -128,7 +128,11 @@ impl Checkpoint {
                     let start = read_position(&mut r).ok_or_else(malformed)?;
                     let safe_point = read_position(&mut r).ok_or_else(malformed)?;
                     let started_at = r.u64().map_err(|_| malformed())?;
-                    let truncated = r.u8().map_err(|_| malformed())? != 0;
+                    let truncated = match r.u8().map_err(|_| malformed())? {
+                        0 => false,
+                        1 => true,
+                        _ => return Err(malformed()),
+                    };
                     checkpoint.sessions.push(LiveSession {
                         session,
                         template,
@@ -141,6 +145,11 @@ impl Checkpoint {
                 END if head => {
                     let templates = r.u64().map_err(|_| malformed())?;
                     let sessions = r.u64().map_err(|_| malformed())?;
+                    // Strict like every other entry: a checkpoint that
+                    // decodes is exactly what `encode` writes.
+                    if !r.is_empty() {
+                        return Err(malformed());
+                    }
                     if templates != checkpoint.templates.len() as u64
                         || sessions != checkpoint.sessions.len() as u64
                     {
@@ -265,6 +274,36 @@ mod tests {
             assert!(Checkpoint::decode(&damaged).is_err(), "flip at {at}");
         }
         assert!(Checkpoint::decode(&bytes[..bytes.len() - 1]).is_err());
+    }
+
+    #[test]
+    fn refuses_entries_longer_or_other_than_written() {
+        let bytes = sample().encode();
+        // Rebuild the end entry with a stray byte after the counts, and a
+        // session entry whose flag is neither 0 nor 1: both checksum-valid.
+        let end = bytes.len() - (record::FRAME_OVERHEAD + 16);
+        let mut longer = bytes[..end].to_vec();
+        record::frame(END, &mut longer, |p| {
+            p.extend_from_slice(&1u64.to_le_bytes());
+            p.extend_from_slice(&1u64.to_le_bytes());
+            p.push(0);
+        });
+        assert!(Checkpoint::decode(&longer).is_err());
+
+        let mut odd = sample();
+        odd.sessions[0].truncated = true;
+        let mut bytes = odd.encode();
+        let flag = bytes.len() - (record::FRAME_OVERHEAD + 16) - 13;
+        assert_eq!(bytes[flag], 1);
+        bytes[flag] = 2;
+        let entry = flag + 1 - (8 + 32 + 16 + 16 + 8 + 1) - 9;
+        let payload = bytes[entry + 9..flag + 1].to_vec();
+        let mut rebuilt = bytes[..entry].to_vec();
+        record::frame(SESSION, &mut rebuilt, |p| p.extend_from_slice(&payload));
+        rebuilt.extend_from_slice(&bytes[flag + 13..]);
+        assert_eq!(rebuilt.len(), bytes.len());
+        assert!(Checkpoint::decode(&rebuilt).is_err());
+        assert_eq!(Checkpoint::decode(&odd.encode()), Ok(odd));
     }
 
     #[test]

@@ -16,7 +16,9 @@ pub mod checkpoint;
 pub mod reader;
 pub mod record;
 pub mod recovery;
+pub mod report;
 pub mod segment;
+pub mod synthetic;
 pub mod writer;
 
 pub use reader::{Damage, DamageKind, ScannedRecord, SegmentScan};

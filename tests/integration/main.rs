@@ -5,6 +5,7 @@
 mod bad_input;
 mod clients;
 mod hooks;
+mod journal;
 mod lifecycle;
 mod probe;
 mod recording;
