@@ -198,10 +198,7 @@ impl Proxy {
         for task in accepting {
             let _ = task.await;
         }
-        let mut workers = match Arc::try_unwrap(workers) {
-            Ok(workers) => Some(workers),
-            Err(_) => None,
-        };
+        let mut workers = Arc::try_unwrap(workers).ok();
         if let Some(workers) = &mut workers {
             workers.close();
         }
