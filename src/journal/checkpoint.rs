@@ -107,7 +107,9 @@ impl Checkpoint {
         loop {
             let frame = record::verify(&data[pos..])
                 .map_err(|err| format!("entry at offset {pos}: {err}"))?;
-            let mut r = Cursor(frame.payload);
+            let payload = record::unescape(frame.payload)
+                .map_err(|err| format!("entry at offset {pos}: {err}"))?;
+            let mut r = Cursor(&payload);
             let malformed = || format!("entry at offset {pos} is malformed");
             match frame.kind {
                 HEAD if !head => {

@@ -18,6 +18,14 @@
 //! looks for to resynchronise after a damaged stretch. A record is accepted
 //! only when both lengths agree, both magics hold and the checksum matches.
 //!
+//! Payloads hold bytes that clients chose (their statements), so a client
+//! could send the bytes of a whole, valid record; were the record around
+//! them torn or damaged, a reader resynchronising on the start magic would
+//! find them and take them for a record nobody wrote. The stored payload is
+//! therefore escaped: every byte `R` (0x52, the first byte of both magics)
+//! is followed by 0x00, so neither magic ever appears inside a payload and
+//! the length, checksum and magics are over the escaped bytes.
+//!
 //! Every payload starts with the session id (0 for none) and the time in
 //! microseconds since the Unix epoch; the rest depends on the kind.
 
@@ -29,6 +37,8 @@ use crate::template::{StateHash, TemplateId};
 
 pub const START_MAGIC: u32 = u32::from_le_bytes(*b"RPJ<");
 pub const END_MAGIC: u32 = u32::from_le_bytes(*b">RPJ");
+/// Escaped in payloads: the first byte of both magics.
+const ESCAPE: u8 = b'R';
 /// Bytes a record takes besides its payload.
 pub const FRAME_OVERHEAD: usize = 4 + 4 + 1 + 4 + 4 + 4;
 /// Largest payload a reader accepts; a length above it is damage.
@@ -212,7 +222,8 @@ impl Record {
         }
     }
 
-    /// About what the framed record will take, for queue accounting.
+    /// About what the framed record will take, for queue accounting
+    /// (escaping adds a byte per `R`, not counted).
     pub fn size_hint(&self) -> usize {
         FRAME_OVERHEAD
             + 16
@@ -288,10 +299,11 @@ impl Record {
         }
     }
 
-    /// Reads a payload whose frame verified.
-    pub fn decode(kind: u8, payload: &[u8]) -> Result<Record, PayloadError> {
+    /// Reads a stored (escaped) payload whose frame verified.
+    pub fn decode(kind: u8, stored: &[u8]) -> Result<Record, PayloadError> {
         let kind = RecordKind::from_byte(kind).ok_or(PayloadError::UnknownKind(kind))?;
-        let mut r = Cursor(payload);
+        let payload = unescape(stored)?;
+        let mut r = Cursor(&payload);
         let session = r.u64()?;
         let at = r.u64()?;
         let record = match kind {
@@ -379,6 +391,7 @@ pub fn frame(kind: u8, out: &mut Vec<u8>, write: impl FnOnce(&mut Vec<u8>)) {
     out.extend_from_slice(&START_MAGIC.to_le_bytes());
     out.push(kind);
     write(out);
+    escape_tail(out, start + 9);
     let payload_len = out.len() - start - 9;
     let len = u32::try_from(payload_len).expect("journal payloads stay below 4 GiB");
     out[start..start + 4].copy_from_slice(&len.to_le_bytes());
@@ -386,6 +399,47 @@ pub fn frame(kind: u8, out: &mut Vec<u8>, write: impl FnOnce(&mut Vec<u8>)) {
     out.extend_from_slice(&checksum.to_le_bytes());
     out.extend_from_slice(&END_MAGIC.to_le_bytes());
     out.extend_from_slice(&len.to_le_bytes());
+}
+
+/// Escapes `out[from..]` in place: each `R` gets a 0x00 after it.
+fn escape_tail(out: &mut Vec<u8>, from: usize) {
+    let count = memchr::memchr_iter(ESCAPE, &out[from..]).count();
+    if count == 0 {
+        return;
+    }
+    let raw_end = out.len();
+    out.resize(raw_end + count, 0);
+    // Move from the back so that nothing is overwritten before it moved.
+    let mut write = out.len();
+    let mut read = raw_end;
+    while read > from {
+        read -= 1;
+        let byte = out[read];
+        if byte == ESCAPE {
+            write -= 1;
+            out[write] = 0;
+        }
+        write -= 1;
+        out[write] = byte;
+    }
+}
+
+/// The payload as written, from its stored (escaped) form.
+pub fn unescape(stored: &[u8]) -> Result<std::borrow::Cow<'_, [u8]>, PayloadError> {
+    if memchr::memchr(ESCAPE, stored).is_none() {
+        return Ok(std::borrow::Cow::Borrowed(stored));
+    }
+    let mut raw = Vec::with_capacity(stored.len());
+    let mut rest = stored;
+    while let Some(at) = memchr::memchr(ESCAPE, rest) {
+        if rest.get(at + 1) != Some(&0) {
+            return Err(PayloadError::Malformed);
+        }
+        raw.extend_from_slice(&rest[..=at]);
+        rest = &rest[at + 2..];
+    }
+    raw.extend_from_slice(rest);
+    Ok(std::borrow::Cow::Owned(raw))
 }
 
 fn checksum(len: &[u8], kind: u8, payload: &[u8]) -> u32 {
@@ -604,8 +658,40 @@ pub(crate) mod tests {
             assert_eq!(start_before(&out, out.len()), Some(0));
             let back = Record::decode(frame.kind, frame.payload).expect("decodes");
             assert_eq!(back, record);
-            assert!(record.size_hint() >= out.len(), "{record:?}");
+            assert!(
+                record.size_hint() >= out.len() - memchr::memchr_iter(ESCAPE, &out).count(),
+                "{record:?}"
+            );
         }
+    }
+
+    #[test]
+    fn payloads_never_hold_a_magic() {
+        let forged = {
+            let mut out = Vec::new();
+            Record::SessionEnd { session: 7, at: 1 }.encode(&mut out);
+            out
+        };
+        let record = Record::Command {
+            session: 1,
+            at: 0x5252_5252,
+            seq: 1,
+            state_hash: StateHash::from_bytes([b'R'; 32]),
+            result_digest: [0; 32],
+            omitted: Omitted::No,
+            message_len: forged.len() as u64 + 2,
+            messages: Bytes::from([&forged[..], b"RR"].concat()),
+        };
+        let mut out = Vec::new();
+        record.encode(&mut out);
+        let frame = verify(&out).expect("verifies");
+        for magic in [START_MAGIC, END_MAGIC] {
+            assert!(memchr::memmem::find(frame.payload, &magic.to_le_bytes()).is_none());
+        }
+        assert_eq!(Record::decode(frame.kind, frame.payload), Ok(record));
+        assert_eq!(unescape(b"R"), Err(PayloadError::Malformed));
+        assert_eq!(unescape(b"RX\0"), Err(PayloadError::Malformed));
+        assert_eq!(unescape(b"aR\0b").as_deref(), Ok(&b"aRb"[..]));
     }
 
     #[test]

@@ -53,8 +53,8 @@ pub fn safe_point(session: u64, seq: u64, at: u64) -> Record {
     }
 }
 
-/// Command `seq` of `session`, `size` bytes once framed (at least
-/// [`MIN_COMMAND_SIZE`]).
+/// Command `seq` of `session`, `size` bytes once framed, before escaping
+/// (at least [`MIN_COMMAND_SIZE`]).
 pub fn command(session: u64, seq: u64, at: u64, size: usize) -> Record {
     let messages = messages(session, seq, size.max(MIN_COMMAND_SIZE) - COMMAND_OVERHEAD);
     Record::Command {
