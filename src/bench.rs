@@ -523,13 +523,12 @@ fn start_reprise(
     let exe = std::env::current_exe().context("cannot find the reprise executable")?;
     std::fs::create_dir_all(work)?;
     let config = work.join("reprise.toml");
-    std::fs::write(&config, settings)?;
+    std::fs::write(&config, format!("log_level = \"warn\"\n{settings}"))?;
     let child = Command::new(exe)
         .args(["serve", "--config", &config.display().to_string()])
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .args(["--backend", &format!("bench=127.0.0.1:{server_port}")])
         .args(["--data-dir", &work.join("data").display().to_string()])
-        .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()
         .context("cannot start reprise serve")?;

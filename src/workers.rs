@@ -67,8 +67,8 @@ impl std::fmt::Debug for Workers {
 
 impl Workers {
     /// Starts `count` workers. Each runs the sessions handed to it and,
-    /// once its inbox is closed, waits until `sessions` is closed and
-    /// empty.
+    /// once its inbox is closed (by [`close`](Self::close) or on drop),
+    /// waits until every session of `sessions` has ended.
     pub fn start(
         count: usize,
         shared: &Arc<Shared>,
@@ -102,6 +102,9 @@ impl Workers {
                                 span,
                             ));
                         }
+                        // No session comes after the inbox closed: the
+                        // tracker may close (all workers agree on that).
+                        sessions.close();
                         sessions.wait().await;
                     });
                 })?;

@@ -351,8 +351,11 @@ impl Writer {
                 .fsync_interval
                 .clamp(Duration::from_millis(1), HOUSEKEEPING),
         };
+        // The queue's vector goes back and forth, so that neither side
+        // grows a new one every cycle.
+        let mut spare: Vec<Queued> = Vec::new();
         loop {
-            let (batch, stop) = {
+            let (mut batch, stop) = {
                 let mut queue = self.channel.lock();
                 if queue.records.is_empty() && !queue.stop {
                     queue = self
@@ -363,12 +366,14 @@ impl Writer {
                         .0;
                 }
                 queue.bytes = 0;
-                (std::mem::take(&mut queue.records), queue.stop)
+                (std::mem::replace(&mut queue.records, spare), queue.stop)
             };
             let mut waiting = Vec::new();
             if !batch.is_empty() {
-                waiting = self.write_batch(batch);
+                waiting = self.write_batch(&mut batch);
             }
+            batch.clear();
+            spare = batch;
             let sync_now = match self.settings.fsync {
                 FsyncPolicy::Off => false,
                 FsyncPolicy::Batch => {
@@ -394,11 +399,11 @@ impl Writer {
     }
 
     /// Encodes and writes a batch; returns the senders of durable waits.
-    fn write_batch(&mut self, batch: Vec<Queued>) -> Vec<oneshot::Sender<()>> {
+    fn write_batch(&mut self, batch: &mut Vec<Queued>) -> Vec<oneshot::Sender<()>> {
         let mut waiting = Vec::new();
         self.buffer.clear();
         let mut records = 0u64;
-        for queued in batch {
+        for queued in batch.drain(..) {
             if let Some(done) = queued.done {
                 waiting.push(done);
             }

@@ -28,7 +28,6 @@ pub struct Command {
     /// Size of the messages, also when they were not kept.
     pub message_len: u64,
     pub omitted: Omission,
-    digest: blake3::Hasher,
     /// The request-ending message has been sent.
     ended: bool,
     /// The server is in COPY FROM STDIN mode for this request: the
@@ -73,6 +72,9 @@ pub struct ReplayLog {
     over_bound: bool,
     /// The template and state hash of the last safe point.
     safe_point: Option<(TemplateId, StateHash)>,
+    /// What the client received for the oldest command in flight: the
+    /// server answers in order, so only that one is ever being answered.
+    digest: blake3::Hasher,
     next_seq: u64,
 }
 
@@ -85,6 +87,7 @@ impl ReplayLog {
             bytes: 0,
             over_bound: false,
             safe_point: None,
+            digest: blake3::Hasher::new(),
             next_seq: 1,
         }
     }
@@ -142,7 +145,6 @@ impl ReplayLog {
                 } else {
                     Omission::None
                 },
-                digest: blake3::Hasher::new(),
                 ended: false,
                 copy_in: false,
             });
@@ -184,13 +186,13 @@ impl ReplayLog {
         if matches!(tag, b'A' | b'S' | b'N') {
             return;
         }
-        let Some(command) = self.in_flight.front_mut() else {
+        if self.in_flight.is_empty() {
             return;
-        };
+        }
         if tag == b'E' {
-            digest_error(&mut command.digest, message);
+            digest_error(&mut self.digest, message);
         } else {
-            command.digest.update(message);
+            self.digest.update(message);
         }
     }
 
@@ -243,15 +245,17 @@ impl ReplayLog {
         state_hash: StateHash,
         safe_point: Option<TemplateId>,
     ) -> Option<Completed> {
-        let mut command = self.in_flight.pop_front()?;
-        command.digest.update(&[b'Z', status]);
+        let command = self.in_flight.pop_front()?;
+        self.digest.update(&[b'Z', status]);
+        let result_digest = *self.digest.finalize().as_bytes();
+        self.digest.reset();
         let completed = Completed {
             seq: command.seq,
             message_len: command.message_len,
             omitted: command.omitted,
             messages: Bytes::from(command.messages),
             state_hash,
-            result_digest: *command.digest.finalize().as_bytes(),
+            result_digest,
         };
         match safe_point {
             Some(template) => {
