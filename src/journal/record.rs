@@ -407,20 +407,18 @@ fn escape_tail(out: &mut Vec<u8>, from: usize) {
     if count == 0 {
         return;
     }
-    let raw_end = out.len();
-    out.resize(raw_end + count, 0);
-    // Move from the back so that nothing is overwritten before it moved.
+    let mut end = out.len();
+    out.resize(end + count, 0);
+    // From the back, so that nothing is overwritten before it moved: each
+    // run after an `R` moves up by the escapes still to come before it.
     let mut write = out.len();
-    let mut read = raw_end;
-    while read > from {
-        read -= 1;
-        let byte = out[read];
-        if byte == ESCAPE {
-            write -= 1;
-            out[write] = 0;
-        }
-        write -= 1;
-        out[write] = byte;
+    while let Some(at) = memchr::memrchr(ESCAPE, &out[from..end]).map(|at| from + at) {
+        let run = end - (at + 1);
+        out.copy_within(at + 1..end, write - run);
+        write -= run + 2;
+        out[write] = ESCAPE;
+        out[write + 1] = 0;
+        end = at;
     }
 }
 
@@ -662,6 +660,31 @@ pub(crate) mod tests {
                 record.size_hint() >= out.len() - memchr::memchr_iter(ESCAPE, &out).count(),
                 "{record:?}"
             );
+        }
+    }
+
+    #[test]
+    fn escaping_round_trips() {
+        for raw in [
+            &b""[..],
+            b"R",
+            b"RR",
+            b"aRb",
+            b"RaR",
+            b"abc",
+            b"RPJ<>RPJ",
+            b"xxRRxxR",
+        ] {
+            let mut out = b"head".to_vec();
+            out.extend_from_slice(raw);
+            escape_tail(&mut out, 4);
+            assert_eq!(&out[..4], b"head");
+            let stored = &out[4..];
+            assert_eq!(
+                stored.len(),
+                raw.len() + raw.iter().filter(|b| **b == ESCAPE).count()
+            );
+            assert_eq!(unescape(stored).as_deref(), Ok(raw), "{raw:?}");
         }
     }
 

@@ -27,7 +27,7 @@ use dashmap::DashSet;
 use tokio::sync::oneshot;
 
 use super::checkpoint::{Checkpoint, LiveSession};
-use super::record::{now_micros, Record};
+use super::record::{self, now_micros, Record, RecordKind};
 use super::recovery::Recovery;
 use super::segment::{self, Position, SegmentHeader, FORMAT_VERSION, HEADER_LEN};
 use crate::stats::Stats;
@@ -89,16 +89,48 @@ pub enum Appended {
     Dropped,
 }
 
-struct Queued {
-    record: Record,
-    done: Option<oneshot::Sender<()>>,
+/// What the writer needs to know of a queued record besides its bytes.
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    len: usize,
+    kind: RecordKind,
+    session: u64,
+    at: u64,
+    /// The template it defines or names (zero for none).
+    template: TemplateId,
 }
 
+impl Entry {
+    fn of(record: &Record, len: usize) -> Entry {
+        let template = match record {
+            Record::Template { id, .. } => *id,
+            Record::SessionStart { template, .. } | Record::SafePoint { template, .. } => *template,
+            _ => TemplateId::from_bytes([0; 32]),
+        };
+        Entry {
+            len,
+            kind: record.kind(),
+            session: record.session().unwrap_or(0),
+            at: record.at(),
+            template,
+        }
+    }
+}
+
+/// Records handed over, already framed by the sessions that made them:
+/// what crosses threads is plain bytes, never a value whose allocations
+/// the writer would have to free.
 #[derive(Default)]
 struct Queue {
-    records: Vec<Queued>,
-    bytes: usize,
+    bytes: Vec<u8>,
+    entries: Vec<Entry>,
+    waiting: Vec<oneshot::Sender<()>>,
     stop: bool,
+}
+
+thread_local! {
+    /// Where a session frames its record before taking the queue's lock.
+    static FRAMED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 struct Channel {
@@ -139,23 +171,34 @@ impl std::fmt::Debug for JournalHandle {
 impl JournalHandle {
     /// Queues a record. Never blocks on disk.
     pub fn append(&self, record: Record) -> Appended {
-        let size = record.size_hint();
+        FRAMED.with(|framed| {
+            let mut framed = framed.borrow_mut();
+            framed.clear();
+            record.encode(&mut framed);
+            let entry = Entry::of(&record, framed.len());
+            self.queue(entry, &framed)
+        })
+    }
+
+    fn queue(&self, entry: Entry, framed: &[u8]) -> Appended {
         let wait = self.channel.fsync == FsyncPolicy::Always;
-        let (done, appended) = if wait {
-            let (sender, receiver) = oneshot::channel();
-            (Some(sender), Appended::Durable(receiver))
-        } else {
-            (None, Appended::Queued)
-        };
         let mut queue = self.channel.lock();
-        if queue.bytes + size > self.channel.queue_limit && !queue.records.is_empty() {
+        if queue.bytes.len() + framed.len() > self.channel.queue_limit && !queue.entries.is_empty()
+        {
             drop(queue);
             self.channel.stats.journal_records_dropped.inc();
             return Appended::Dropped;
         }
-        queue.bytes += size;
-        queue.records.push(Queued { record, done });
-        let wake = wait || queue.bytes > self.channel.wake_above;
+        queue.bytes.extend_from_slice(framed);
+        queue.entries.push(entry);
+        let appended = if wait {
+            let (sender, receiver) = oneshot::channel();
+            queue.waiting.push(sender);
+            Appended::Durable(receiver)
+        } else {
+            Appended::Queued
+        };
+        let wake = wait || queue.bytes.len() > self.channel.wake_above;
         drop(queue);
         if wake {
             self.channel.wake.notify_one();
@@ -351,13 +394,13 @@ impl Writer {
                 .fsync_interval
                 .clamp(Duration::from_millis(1), HOUSEKEEPING),
         };
-        // The queue's vector goes back and forth, so that neither side
-        // grows a new one every cycle.
-        let mut spare: Vec<Queued> = Vec::new();
+        // The queue's buffers go back and forth, so that neither side
+        // grows new ones every cycle.
+        let mut spare = Queue::default();
         loop {
-            let (mut batch, stop) = {
+            let stop = {
                 let mut queue = self.channel.lock();
-                if queue.records.is_empty() && !queue.stop {
+                if queue.entries.is_empty() && !queue.stop {
                     queue = self
                         .channel
                         .wake
@@ -365,15 +408,16 @@ impl Writer {
                         .unwrap_or_else(|poisoned| poisoned.into_inner())
                         .0;
                 }
-                queue.bytes = 0;
-                (std::mem::replace(&mut queue.records, spare), queue.stop)
+                std::mem::swap(&mut queue.bytes, &mut spare.bytes);
+                std::mem::swap(&mut queue.entries, &mut spare.entries);
+                std::mem::swap(&mut queue.waiting, &mut spare.waiting);
+                queue.stop
             };
-            let mut waiting = Vec::new();
-            if !batch.is_empty() {
-                waiting = self.write_batch(&mut batch);
-            }
-            batch.clear();
-            spare = batch;
+            let written =
+                spare.entries.is_empty() || self.write_batch(&spare.bytes, &spare.entries);
+            spare.bytes.clear();
+            spare.entries.clear();
+            let waiting: Vec<oneshot::Sender<()>> = spare.waiting.drain(..).collect();
             let sync_now = match self.settings.fsync {
                 FsyncPolicy::Off => false,
                 FsyncPolicy::Batch => {
@@ -386,7 +430,7 @@ impl Writer {
             }
             // Waiting sessions learn the outcome: a dropped sender is an
             // error on their side.
-            if !self.failing {
+            if written && !self.failing {
                 for done in waiting {
                     let _ = done.send(());
                 }
@@ -398,54 +442,44 @@ impl Writer {
         }
     }
 
-    /// Encodes and writes a batch; returns the senders of durable waits.
-    fn write_batch(&mut self, batch: &mut Vec<Queued>) -> Vec<oneshot::Sender<()>> {
-        let mut waiting = Vec::new();
+    /// Writes a batch of framed records; false if a write failed.
+    fn write_batch(&mut self, bytes: &[u8], entries: &[Entry]) -> bool {
         self.buffer.clear();
         let mut records = 0u64;
-        for queued in batch.drain(..) {
-            if let Some(done) = queued.done {
-                waiting.push(done);
+        let mut offset = 0;
+        for entry in entries {
+            let framed = &bytes[offset..offset + entry.len];
+            offset += entry.len;
+            if entry.kind == RecordKind::Template && self.templates.contains_key(&entry.template) {
+                continue;
             }
-            let record = queued.record;
-            if let Record::Template { id, .. } = &record {
-                if self.templates.contains_key(id) {
-                    continue;
-                }
-            }
-            let start = self.buffer.len();
-            record.encode(&mut self.buffer);
-            let len = (self.buffer.len() - start) as u64;
+            let len = entry.len as u64;
             let needs_rotation = self.current.as_ref().is_some_and(|current| {
-                current.size + (start as u64) + len > self.settings.segment_size
-                    && current.size + start as u64 > HEADER_LEN as u64
+                let end = current.size + self.buffer.len() as u64;
+                end + len > self.settings.segment_size && end > HEADER_LEN as u64
             });
             if needs_rotation || self.current.is_none() {
-                // Write what precedes this record into the old segment.
-                let tail = self.buffer.split_off(start);
-                if !self.flush_buffer() {
-                    return Vec::new();
-                }
-                self.buffer = tail;
-                if !self.rotate() {
-                    return Vec::new();
+                // What precedes this record goes into the old segment.
+                if !self.flush_buffer() || !self.rotate() {
+                    return false;
                 }
             }
             let Some(current) = &self.current else {
-                return Vec::new();
+                return false;
             };
             let position = Position {
                 segment: current.sequence,
-                offset: current.size + self.buffer.len() as u64 - len,
+                offset: current.size + self.buffer.len() as u64,
             };
-            self.note(&record, position);
+            self.buffer.extend_from_slice(framed);
+            self.note(entry, framed, position);
             records += 1;
         }
         if !self.flush_buffer() {
-            return Vec::new();
+            return false;
         }
         self.channel.stats.journal_records.add(records);
-        waiting
+        true
     }
 
     /// Writes the buffer at the end of the current segment.
@@ -559,51 +593,50 @@ impl Writer {
     }
 
     /// Keeps the writer's picture of sessions and templates current.
-    fn note(&mut self, record: &Record, position: Position) {
-        match record {
-            Record::Template { id, encoding, .. } => {
-                self.templates
-                    .insert(*id, (encoding.clone(), position.segment));
-                self.channel.written.insert(*id);
+    fn note(&mut self, entry: &Entry, framed: &[u8], position: Position) {
+        let session = entry.session;
+        match entry.kind {
+            RecordKind::Template => {
+                // Rare (once per template): read the definition back.
+                let decoded = record::verify(framed)
+                    .ok()
+                    .and_then(|frame| Record::decode(frame.kind, frame.payload).ok());
+                if let Some(Record::Template { id, encoding, .. }) = decoded {
+                    self.templates.insert(id, (encoding, position.segment));
+                    self.channel.written.insert(id);
+                }
             }
-            Record::SessionStart {
-                session,
-                at,
-                template,
-                ..
-            } => {
+            RecordKind::SessionStart => {
                 self.live.insert(
-                    *session,
+                    session,
                     LiveSession {
-                        session: *session,
-                        template: *template,
+                        session,
+                        template: entry.template,
                         start: position,
                         safe_point: position,
-                        started_at: *at,
+                        started_at: entry.at,
                         truncated: false,
                     },
                 );
             }
-            Record::SafePoint {
-                session, template, ..
-            } => {
-                if let Some(live) = self.live.get_mut(session) {
-                    live.template = *template;
+            RecordKind::SafePoint => {
+                if let Some(live) = self.live.get_mut(&session) {
+                    live.template = entry.template;
                     live.safe_point = position;
                     live.truncated = false;
                 }
-                self.pending.remove(session);
+                self.pending.remove(&session);
             }
-            Record::SessionEnd { session, .. } => {
-                self.live.remove(session);
-                self.pending.remove(session);
+            RecordKind::SessionEnd => {
+                self.live.remove(&session);
+                self.pending.remove(&session);
             }
-            Record::Command { session, .. } => {
-                if self.live.contains_key(session) {
-                    self.pending.insert(*session);
+            RecordKind::Command => {
+                if self.live.contains_key(&session) {
+                    self.pending.insert(session);
                 }
             }
-            Record::Outcome { .. } => {}
+            RecordKind::Outcome => {}
         }
     }
 
