@@ -109,11 +109,43 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 
     handle.shutdown();
     let _ = tokio::time::timeout(Duration::from_secs(5), proxy_task).await;
+    if outcome.is_ok() && !interrupted.is_cancelled() {
+        report_journal(data_dir.path());
+        println!("\nDone: every step above went through Reprise and matched what PostgreSQL itself would answer.");
+    }
     if let Some(cluster) = cluster {
         tokio::task::spawn_blocking(move || drop(cluster)).await?;
         println!("Throwaway PostgreSQL stopped and removed.");
     }
     outcome
+}
+
+/// What the sessions left in the journal, read back as recovery would.
+fn report_journal(data_dir: &std::path::Path) {
+    use reprise::journal::recovery::{self, Mode};
+    use reprise::journal::RecordKind;
+    let mut counts = std::collections::BTreeMap::new();
+    let scanned = recovery::scan(
+        &data_dir.join(reprise::journal::JOURNAL_DIR),
+        Mode::ReadOnly,
+        true,
+        |record| *counts.entry(record.record.kind()).or_insert(0u64) += 1,
+        |_| {},
+    );
+    let count = |kind| counts.get(&kind).copied().unwrap_or(0);
+    match scanned {
+        Ok(recovered) => println!(
+            "7. Journal: {} sessions, {} commands inside transactions, {} safe points, {} templates; \
+             {} sessions left unfinished work, {} damaged stretches",
+            count(RecordKind::SessionStart),
+            count(RecordKind::Command),
+            count(RecordKind::SafePoint),
+            count(RecordKind::Template),
+            recovered.unfinished().count(),
+            recovered.damage.len()
+        ),
+        Err(err) => println!("7. Journal could not be read: {err}"),
+    }
 }
 
 fn conn_string(user: &str, address: std::net::SocketAddr) -> String {
@@ -297,6 +329,5 @@ async fn workload(args: &DemoArgs, address: std::net::SocketAddr) -> anyhow::Res
         bail!("the balances do not add up: {sum} != {expected}");
     }
     client.batch_execute("drop table reprise_demo").await?;
-    println!("\nDone: every step above went through Reprise and matched what PostgreSQL itself would answer.");
     Ok(())
 }
