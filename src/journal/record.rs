@@ -44,95 +44,73 @@ pub const FRAME_OVERHEAD: usize = 4 + 4 + 1 + 4 + 4 + 4;
 /// Largest payload a reader accepts; a length above it is damage.
 pub const MAX_PAYLOAD: usize = 1 << 30;
 
-/// The kinds of journal records, as stored.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-#[repr(u8)]
-pub enum RecordKind {
-    Template = 1,
-    SessionStart = 2,
-    Command = 3,
-    SafePoint = 4,
-    Outcome = 5,
-    SessionEnd = 6,
-}
-
-impl RecordKind {
-    pub const ALL: [RecordKind; 6] = [
-        RecordKind::Template,
-        RecordKind::SessionStart,
-        RecordKind::Command,
-        RecordKind::SafePoint,
-        RecordKind::Outcome,
-        RecordKind::SessionEnd,
-    ];
-
-    pub fn from_byte(byte: u8) -> Option<RecordKind> {
-        RecordKind::ALL.into_iter().find(|kind| *kind as u8 == byte)
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            RecordKind::Template => "template",
-            RecordKind::SessionStart => "session_start",
-            RecordKind::Command => "command",
-            RecordKind::SafePoint => "safe_point",
-            RecordKind::Outcome => "outcome",
-            RecordKind::SessionEnd => "session_end",
+/// A byte-coded enum of the format, with the name tools print: the values
+/// are stored, so they never change.
+macro_rules! byte_enum {
+    (
+        $(#[$meta:meta])*
+        pub enum $name:ident {
+            $($(#[$doc:meta])* $variant:ident = $value:literal => $text:literal,)*
         }
-    }
-}
-
-/// Why a command record carries no message bytes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub enum Omitted {
-    /// The bytes are there.
-    No = 0,
-    /// The command set a password or another credential: never written.
-    Credential = 1,
-    /// The replay log was over its bound: the session is non-recoverable
-    /// until its next safe point.
-    OverBound = 2,
-}
-
-impl Omitted {
-    fn from_byte(byte: u8) -> Option<Omitted> {
-        [Omitted::No, Omitted::Credential, Omitted::OverBound]
-            .into_iter()
-            .find(|omitted| *omitted as u8 == byte)
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Omitted::No => "no",
-            Omitted::Credential => "credential",
-            Omitted::OverBound => "over_bound",
+    ) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        #[repr(u8)]
+        pub enum $name {
+            $($(#[$doc])* $variant = $value,)*
         }
-    }
-}
 
-/// What happened when a session's server connection was replaced.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub enum OutcomeKind {
-    /// The session went on, on a new server connection.
-    Recovered = 1,
-    /// Replay could not be proven identical; the session was ended.
-    Failed = 2,
-}
+        impl $name {
+            pub const ALL: [$name; [$($value),*].len()] = [$($name::$variant),*];
 
-impl OutcomeKind {
-    fn from_byte(byte: u8) -> Option<OutcomeKind> {
-        [OutcomeKind::Recovered, OutcomeKind::Failed]
-            .into_iter()
-            .find(|kind| *kind as u8 == byte)
-    }
+            pub fn from_byte(byte: u8) -> Option<$name> {
+                match byte {
+                    $($value => Some($name::$variant),)*
+                    _ => None,
+                }
+            }
 
-    pub fn name(self) -> &'static str {
-        match self {
-            OutcomeKind::Recovered => "recovered",
-            OutcomeKind::Failed => "failed",
+            pub fn name(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text,)*
+                }
+            }
         }
+    };
+}
+
+byte_enum! {
+    /// The kinds of journal records, as stored.
+    pub enum RecordKind {
+        Template = 1 => "template",
+        SessionStart = 2 => "session_start",
+        Command = 3 => "command",
+        SafePoint = 4 => "safe_point",
+        Outcome = 5 => "outcome",
+        SessionEnd = 6 => "session_end",
+    }
+}
+
+byte_enum! {
+    /// Why a command record carries no message bytes.
+    pub enum Omitted {
+        /// The bytes are there.
+        No = 0 => "no",
+        /// The command set a password or another credential: never written.
+        Credential = 1 => "credential",
+        /// The replay log was over its bound: the session is
+        /// non-recoverable until its next safe point.
+        OverBound = 2 => "over_bound",
+    }
+}
+
+byte_enum! {
+    /// What happened when a session's server connection was replaced.
+    pub enum OutcomeKind {
+        /// The session went on, on a new server connection.
+        Recovered = 1 => "recovered",
+        /// Replay could not be proven identical; the session was ended.
+        Failed = 2 => "failed",
     }
 }
 

@@ -110,6 +110,31 @@ fn written_journal(dir: &Path) -> Vec<Written> {
 }
 
 /// The segments of a journal, by sequence.
+/// A journal written by the writer, its segments' clean bytes and a
+/// seeded random source, for the damage tests.
+fn damage_fixture(
+    seed: u64,
+) -> (
+    tempfile::TempDir,
+    Vec<Written>,
+    BTreeMap<u64, Vec<u8>>,
+    StdRng,
+) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let written = written_journal(dir.path());
+    let segments = segments(dir.path());
+    (dir, written, segments, StdRng::seed_from_u64(seed))
+}
+
+/// A segment chosen at random: its sequence number and clean bytes.
+fn pick<'a>(rng: &mut StdRng, segments: &'a BTreeMap<u64, Vec<u8>>) -> (u64, &'a Vec<u8>) {
+    let (sequence, clean) = segments
+        .iter()
+        .nth(rng.gen_range(0..segments.len()))
+        .expect("segment");
+    (*sequence, clean)
+}
+
 fn segments(dir: &Path) -> BTreeMap<u64, Vec<u8>> {
     list_segments(dir)
         .expect("list")
@@ -170,15 +195,9 @@ fn assert_one_stretch(
 
 #[test]
 fn single_byte_flips_are_found_exactly() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let written = written_journal(dir.path());
-    let segments = segments(dir.path());
-    let mut rng = StdRng::seed_from_u64(0x0f11);
+    let (_dir, written, segments, mut rng) = damage_fixture(0x0f11);
     for trial in 0..2000 {
-        let (&sequence, clean) = segments
-            .iter()
-            .nth(rng.gen_range(0..segments.len()))
-            .expect("segment");
+        let (sequence, clean) = pick(&mut rng, &segments);
         // The header's last 4 bytes are reserved and not checked.
         let at = loop {
             let at = rng.gen_range(0..clean.len());
@@ -201,16 +220,10 @@ fn single_byte_flips_are_found_exactly() {
 
 #[test]
 fn zeroed_ranges_are_bounded_exactly() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let written = written_journal(dir.path());
-    let segments = segments(dir.path());
-    let mut rng = StdRng::seed_from_u64(0x2e10);
+    let (_dir, written, segments, mut rng) = damage_fixture(0x2e10);
     let mut trials = 0;
     while trials < 500 {
-        let (&sequence, clean) = segments
-            .iter()
-            .nth(rng.gen_range(0..segments.len()))
-            .expect("segment");
+        let (sequence, clean) = pick(&mut rng, &segments);
         let from = rng.gen_range(HEADER_LEN..clean.len());
         let to = (from + rng.gen_range(1..1500)).min(clean.len());
         let mut data = clean.clone();
@@ -233,15 +246,9 @@ fn zeroed_ranges_are_bounded_exactly() {
 
 #[test]
 fn truncation_and_appended_garbage_are_tail_damage() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let written = written_journal(dir.path());
-    let segments = segments(dir.path());
-    let mut rng = StdRng::seed_from_u64(0x7a11);
+    let (_dir, written, segments, mut rng) = damage_fixture(0x7a11);
     for _ in 0..500 {
-        let (&sequence, clean) = segments
-            .iter()
-            .nth(rng.gen_range(0..segments.len()))
-            .expect("segment");
+        let (sequence, clean) = pick(&mut rng, &segments);
         let len = rng.gen_range(0..clean.len());
         let data = &clean[..len];
         let scan = scan_segment(sequence, data);
@@ -304,10 +311,7 @@ fn several_flips_never_yield_a_corrupt_record() {
         written.iter().map(|w| (w.position, w)).collect();
     let mut rng = StdRng::seed_from_u64(0x3f11);
     for _ in 0..500 {
-        let (&sequence, clean) = segments
-            .iter()
-            .nth(rng.gen_range(0..segments.len()))
-            .expect("segment");
+        let (sequence, clean) = pick(&mut rng, &segments);
         let mut data = clean.clone();
         let flips: Vec<usize> = (0..rng.gen_range(2..12))
             .map(|_| rng.gen_range(HEADER_LEN..clean.len()))

@@ -27,6 +27,24 @@ fn journal_records(data_dir: &Path) -> Vec<Record> {
     records
 }
 
+/// Per session with unfinished work: its id and the SQL of its commands
+/// since its last safe point.
+fn unfinished(journal_dir: &Path) -> Vec<(u64, Vec<String>)> {
+    let recovered =
+        recovery::scan(journal_dir, Mode::ReadOnly, false, |_| {}, |_| {}).expect("recovery");
+    recovered
+        .unfinished()
+        .map(|session| {
+            let texts = session
+                .commands
+                .iter()
+                .filter_map(|c| query_text(&c.record))
+                .collect();
+            (session.session, texts)
+        })
+        .collect()
+}
+
 /// The records of one session.
 fn session_records(records: &[Record], session: u64) -> Vec<Record> {
     records
@@ -207,23 +225,16 @@ async fn the_journal_holds_what_replay_needs_and_nothing_more() {
     };
     assert_ne!(*state_hash, hashes[0]);
 
-    let recovered = recovery::scan(
-        &harness.data_dir().join("journal"),
-        Mode::ReadOnly,
-        false,
-        |_| {},
-        |_| {},
-    )
-    .expect("recovery");
-    let unfinished: Vec<_> = recovered.unfinished().collect();
-    assert_eq!(unfinished.len(), 1);
-    assert_eq!(unfinished[0].session, ids[1]);
-    let texts: Vec<String> = unfinished[0]
-        .commands
-        .iter()
-        .filter_map(|c| query_text(&c.record))
-        .collect();
-    assert_eq!(texts, ["BEGIN", "INSERT INTO journaled VALUES (2, 'open')"]);
+    assert_eq!(
+        unfinished(&harness.data_dir().join("journal")),
+        [(
+            ids[1],
+            vec![
+                "BEGIN".to_owned(),
+                "INSERT INTO journaled VALUES (2, 'open')".to_owned()
+            ]
+        )]
+    );
 
     let journal_dir = harness.data_dir().join("journal");
     let mode = std::fs::metadata(&journal_dir)
@@ -245,6 +256,7 @@ async fn the_journal_holds_what_replay_needs_and_nothing_more() {
     let recovered =
         recovery::scan(&journal_dir, Mode::ReadOnly, false, |_| {}, |_| {}).expect("recovery");
     assert!(recovered.sessions.is_empty(), "{:?}", recovered.sessions);
+    assert!(unfinished(&journal_dir).is_empty());
 }
 
 #[tokio::test]
@@ -488,20 +500,10 @@ async fn a_killed_proxy_reports_unfinished_sessions_when_it_starts_again() {
     );
     drop(second);
 
-    let recovered = recovery::scan(
-        &dir.path().join("data/journal"),
-        Mode::ReadOnly,
-        false,
-        |_| {},
-        |_| {},
-    )
-    .expect("recovery");
-    let unfinished: Vec<_> = recovered.unfinished().collect();
-    assert_eq!(unfinished.len(), 1);
-    let texts: Vec<String> = unfinished[0]
-        .commands
-        .iter()
-        .filter_map(|c| query_text(&c.record))
-        .collect();
-    assert_eq!(texts, ["BEGIN", "INSERT INTO crash_victim VALUES (1)"]);
+    let unfinished = unfinished(&dir.path().join("data/journal"));
+    assert_eq!(unfinished.len(), 1, "{unfinished:?}");
+    assert_eq!(
+        unfinished[0].1,
+        ["BEGIN", "INSERT INTO crash_victim VALUES (1)"]
+    );
 }
