@@ -97,6 +97,10 @@ counters! {
     replay_log_overflows,
     /// Records written to the journal.
     journal_records,
+    /// Records not written because a later record of the same write
+    /// cycle made them moot (a command followed by its session's safe
+    /// point).
+    journal_records_superseded,
     /// Bytes written to the journal.
     journal_bytes,
     /// fsync calls on journal segments.

@@ -310,6 +310,8 @@ impl Journal {
                 .filter(|session| !session.commands.is_empty())
                 .map(|session| session.session)
                 .collect(),
+            superseded: Vec::new(),
+            closed: std::collections::HashSet::new(),
             failing: false,
         };
         let thread = std::thread::Builder::new()
@@ -377,6 +379,10 @@ struct Writer {
     /// these need the segments from that safe point on. A session idle at
     /// its safe point needs only its template, which the checkpoint holds.
     pending: std::collections::HashSet<u64>,
+    /// Per record of the batch being written: made moot by a later one.
+    superseded: Vec<bool>,
+    /// Sessions with a safe point or an end later in the batch.
+    closed: std::collections::HashSet<u64>,
     /// The last write failed: the next success is logged.
     failing: bool,
 }
@@ -445,12 +451,18 @@ impl Writer {
     /// Writes a batch of framed records; false if a write failed.
     fn write_batch(&mut self, bytes: &[u8], entries: &[Entry]) -> bool {
         self.buffer.clear();
+        self.find_superseded(entries);
         let mut records = 0u64;
+        let mut superseded = 0u64;
         let mut offset = 0;
-        for entry in entries {
+        for (index, entry) in entries.iter().enumerate() {
             let framed = &bytes[offset..offset + entry.len];
             offset += entry.len;
             if entry.kind == RecordKind::Template && self.templates.contains_key(&entry.template) {
+                continue;
+            }
+            if self.superseded.get(index).copied().unwrap_or(false) {
+                superseded += 1;
                 continue;
             }
             let len = entry.len as u64;
@@ -479,7 +491,40 @@ impl Writer {
             return false;
         }
         self.channel.stats.journal_records.add(records);
+        self.channel
+            .stats
+            .journal_records_superseded
+            .add(superseded);
         true
+    }
+
+    /// Marks the records of this batch that a later record of the same
+    /// session makes moot: with `retain = "replay"` a command matters only
+    /// until its session's next safe point, and a safe point only until
+    /// the next one. A transaction that began and ended within one write
+    /// cycle then costs nothing on disk. Under fsync `always` nothing
+    /// follows a record before it is durable, so nothing is dropped that
+    /// a session waited for.
+    fn find_superseded(&mut self, entries: &[Entry]) {
+        self.superseded.clear();
+        self.superseded.resize(entries.len(), false);
+        if self.settings.retain == Retain::All {
+            return;
+        }
+        self.closed.clear();
+        for (index, entry) in entries.iter().enumerate().rev() {
+            match entry.kind {
+                RecordKind::Command | RecordKind::SafePoint
+                    if self.closed.contains(&entry.session) =>
+                {
+                    self.superseded[index] = true;
+                }
+                RecordKind::SafePoint | RecordKind::SessionEnd => {
+                    self.closed.insert(entry.session);
+                }
+                _ => {}
+            }
+        }
     }
 
     /// Writes the buffer at the end of the current segment.

@@ -57,8 +57,11 @@ struct Written {
 /// Several segments written by the real writer: sessions with commands of
 /// varied sizes, safe points, outcomes and ends.
 fn written_journal(dir: &Path) -> Vec<Written> {
+    // Every record written as appended: nothing superseded in a batch.
+    let mut every_record = settings(dir, 8 * 1024);
+    every_record.retain = Retain::All;
     let journal = Journal::start(
-        settings(dir, 8 * 1024),
+        every_record,
         &Recovery::default(),
         Arc::new(Stats::default()),
     )

@@ -111,6 +111,18 @@ async fn state(client: &tokio_postgres::Client) -> BTreeMap<(String, String), St
     rows
 }
 
+/// A proxy whose journal syncs every record before the session goes on:
+/// each record is written in a write cycle of its own, so that the
+/// journal shows every command, none superseded by a later safe point in
+/// the same cycle.
+async fn harness_writing_every_record(tweak: impl FnOnce(&mut reprise::Config)) -> Harness {
+    Harness::start_with(Default::default(), |config| {
+        config.journal.fsync = reprise::journal::FsyncPolicy::Always;
+        tweak(config);
+    })
+    .await
+}
+
 /// Records reach the disk within the writer's interval.
 async fn settle() {
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -118,7 +130,7 @@ async fn settle() {
 
 #[tokio::test]
 async fn the_journal_holds_what_replay_needs_and_nothing_more() {
-    let mut harness = Harness::start().await;
+    let mut harness = harness_writing_every_record(|_| {}).await;
     let (direct, _) = harness.connect_direct().await;
     direct
         .batch_execute("CREATE TABLE journaled (id int, v text)")
@@ -261,7 +273,7 @@ async fn the_journal_holds_what_replay_needs_and_nothing_more() {
 
 #[tokio::test]
 async fn credentials_never_reach_the_journal() {
-    let harness = Harness::start().await;
+    let harness = harness_writing_every_record(|_| {}).await;
     let (client, _) = harness.connect().await;
     client
         .batch_execute("BEGIN; CREATE ROLE journal_secret_role")
@@ -317,7 +329,7 @@ async fn credentials_never_reach_the_journal() {
 
 #[tokio::test]
 async fn a_replay_log_past_its_bound_is_marked_until_the_next_safe_point() {
-    let harness = Harness::start_with(Default::default(), |config| {
+    let harness = harness_writing_every_record(|config| {
         config.max_replay_log = reprise::config::HumanSize(4096);
     })
     .await;
@@ -366,7 +378,7 @@ async fn a_replay_log_past_its_bound_is_marked_until_the_next_safe_point() {
 
 #[tokio::test]
 async fn copy_data_and_extended_batches_are_whole_commands() {
-    let harness = Harness::start().await;
+    let harness = harness_writing_every_record(|_| {}).await;
     let (direct, _) = harness.connect_direct().await;
     direct
         .batch_execute("CREATE TABLE copied (id int, v text)")
@@ -415,6 +427,32 @@ async fn copy_data_and_extended_batches_are_whole_commands() {
         ],
         "{records:#?}"
     );
+}
+
+#[tokio::test]
+async fn a_transaction_over_within_one_write_cycle_costs_nothing_on_disk() {
+    let harness = Harness::start_with(Default::default(), |config| {
+        config.journal.fsync_interval = reprise::config::HumanDuration(Duration::from_millis(500));
+    })
+    .await;
+    let (client, _) = harness.connect().await;
+    // Let the session's start reach the disk in a cycle of its own.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    client.simple_query("BEGIN").await.expect("begin");
+    client.simple_query("SELECT 1").await.expect("select");
+    client.simple_query("COMMIT").await.expect("commit");
+    // A second transaction stays open across the cycle: its commands are
+    // written.
+    client.simple_query("BEGIN").await.expect("begin");
+    client.simple_query("SELECT 2").await.expect("select");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let texts: Vec<String> = journal_records(harness.data_dir())
+        .iter()
+        .filter_map(query_text)
+        .collect();
+    assert!(!texts.contains(&"SELECT 1".to_owned()), "{texts:?}");
+    assert_eq!(&texts[texts.len() - 2..], ["BEGIN", "SELECT 2"]);
+    assert!(reprise_stats(&client).await["journal_records_superseded"] >= 2);
 }
 
 #[tokio::test]
