@@ -314,6 +314,12 @@ pub struct Config {
     /// replay; past it the session is non-recoverable until its next safe
     /// point.
     pub max_replay_log: HumanSize,
+    /// Replace a lost server connection and replay the session onto it;
+    /// off ends the session with 08006 as a plain proxy would.
+    pub failover: bool,
+    /// How long a session may spend getting a new server connection after
+    /// losing one, retries with backoff included.
+    pub failover_budget: HumanDuration,
     pub journal: JournalConfig,
     #[serde(rename = "backend")]
     pub backends: Vec<Backend>,
@@ -339,6 +345,8 @@ impl Default for Config {
             session_tracking: true,
             state_probe: true,
             max_replay_log: HumanSize(1024 * 1024),
+            failover: true,
+            failover_budget: HumanDuration(Duration::from_secs(30)),
             journal: JournalConfig::default(),
             backends: Vec::new(),
         }
@@ -457,6 +465,12 @@ impl Config {
         }
         if !(1..=1024).contains(&self.workers) {
             return Err(ConfigError::invalid("workers", "must be from 1 to 1024"));
+        }
+        if self.failover_budget.0.is_zero() {
+            return Err(ConfigError::invalid(
+                "failover_budget",
+                "must be longer than zero (set failover = false to end sessions instead)",
+            ));
         }
         if self.connect_timeout.0.is_zero() {
             return Err(ConfigError::invalid(

@@ -13,6 +13,7 @@ pub mod datadir;
 pub mod frontend;
 pub mod journal;
 pub mod proxy;
+pub mod replay;
 pub mod session;
 pub mod state;
 pub mod stats;

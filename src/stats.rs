@@ -112,6 +112,16 @@ counters! {
     journal_write_errors,
     /// Records dropped because the writer's queue was full.
     journal_records_dropped,
+    /// Server connections lost under a session that Reprise tried to
+    /// carry over to a new one.
+    failovers,
+    /// Of those, sessions that went on on the new connection.
+    failovers_recovered,
+    /// Of those, sessions ended because replay could not be proven
+    /// identical, or no server could be reached in time.
+    failovers_failed,
+    /// Commands replayed onto new server connections.
+    commands_replayed,
 }
 
 #[cfg(test)]

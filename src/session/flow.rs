@@ -14,11 +14,13 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 
 use crate::proxy::Shared;
+use crate::replay::risk::StatementRisk;
 use crate::session::replay_log::{Completed, ReplayLog};
 use crate::state::effect::{isolation_name, Discard};
 use crate::state::resync::{self, ServerTruth};
 use crate::state::tracker::LOCAL_DEFAULT;
 use crate::state::{Effect, RepriseCommand, Tracker};
+use crate::stats::Stats;
 use crate::template::{
     PreparedOrigin, RestorePlan, StateHash, Template, TemplateId, TransactionStatus,
 };
@@ -71,8 +73,9 @@ type Row = Vec<Vec<u8>>;
 /// What a client-side name (statement or portal) stands for.
 #[derive(Clone, Debug)]
 enum Target {
-    /// A server object; the effect its execution has.
-    Server(Effect),
+    /// A server object; the effect its execution has, and what running it
+    /// again could do.
+    Server(Effect, StatementRisk),
     /// A statement of Reprise's own.
     Local(RepriseCommand),
 }
@@ -173,6 +176,9 @@ struct Switch {
     error: Option<Bytes>,
     /// Simple protocol: the answer ends with ReadyForQuery.
     with_ready: bool,
+    /// The client asked for it and gets an answer; otherwise it is a
+    /// restore of Reprise's own (see [`Flow::restore`]).
+    answer: bool,
 }
 
 /// An answer Reprise composes when its turn comes, from the state at that
@@ -197,6 +203,9 @@ enum Answer {
 pub struct Flow {
     pub tracker: Tracker,
     shared: Arc<Shared>,
+    /// Where this flow counts what it sees: the proxy's counters, or a
+    /// scratch set for a replay that must not count twice.
+    stats: Arc<Stats>,
     /// Off: a plain relay that only finds boundaries.
     tracking: bool,
     /// Read the state back from the server when the tracker cannot vouch
@@ -211,6 +220,9 @@ pub struct Flow {
     pub replay: ReplayLog,
     /// The message being handled carries a credential.
     credential: bool,
+    /// What the statements the message being handled runs could do if
+    /// run again.
+    risks: Vec<StatementRisk>,
     /// Requests in flight when tracking is off.
     awaiting_ready: u32,
     status: u8,
@@ -230,12 +242,18 @@ pub struct Flow {
     /// before them.
     pub to_server: BytesMut,
     pub events: Vec<StateEvent>,
+    /// Why the last [`restore`](Flow::restore) failed.
+    pub restore_error: Option<String>,
+    /// The template of the last safe point, held so that a restore can
+    /// still find it after the session moved on.
+    safe_template: Option<(TemplateId, Arc<Template>)>,
 }
 
 impl Flow {
     pub fn new(
         tracker: Tracker,
         shared: Arc<Shared>,
+        stats: Arc<Stats>,
         tracking: bool,
         probes: bool,
         status: u8,
@@ -244,12 +262,14 @@ impl Flow {
         Flow {
             tracker,
             shared,
+            stats,
             tracking,
             probes,
             copy_in: false,
             queue: VecDeque::new(),
             replay: ReplayLog::new(max_replay_log),
             credential: false,
+            risks: Vec::new(),
             awaiting_ready: 0,
             status,
             unsynced: false,
@@ -260,7 +280,56 @@ impl Flow {
             to_client: BytesMut::new(),
             to_server: BytesMut::new(),
             events: Vec::new(),
+            restore_error: None,
+            safe_template: None,
         }
+    }
+
+    /// The template and state hash a new server connection must be brought
+    /// to before the replay log runs on it: those of the last safe point,
+    /// or the startup template (hash unknown) before the first.
+    pub fn restore_target(&self) -> Option<(Arc<Template>, Option<StateHash>)> {
+        match self.replay.last_safe_point() {
+            None => Some((Arc::clone(self.tracker.startup_template()), None)),
+            Some((id, hash)) => match &self.safe_template {
+                Some((held, template)) if *held == id => Some((Arc::clone(template), Some(hash))),
+                _ => None,
+            },
+        }
+    }
+
+    /// Keeps the template of the last safe point registered.
+    fn hold_safe_template(&mut self) {
+        let Some((id, _)) = self.replay.last_safe_point() else {
+            return;
+        };
+        if self
+            .safe_template
+            .as_ref()
+            .is_some_and(|(held, _)| *held == id)
+        {
+            return;
+        }
+        let (current, template) = self.tracker.registered();
+        if current == id {
+            self.safe_template = Some((id, template));
+        }
+    }
+
+    /// Why the requests in flight cannot be sent again as they are:
+    /// requests of Reprise's own whose answers the session was waiting
+    /// for. State probes are dropped (the next boundary asks again).
+    pub fn forget_own_requests(&mut self) -> Result<(), &'static str> {
+        self.queue
+            .retain(|pending| !matches!(pending, Pending::Probe(_)));
+        if self
+            .queue
+            .iter()
+            .any(|pending| matches!(pending, Pending::Switch(_) | Pending::Abort))
+        {
+            return Err("a template switch of Reprise's own was in flight");
+        }
+        Ok(())
     }
 
     /// Nothing in flight and nothing half-sent.
@@ -292,13 +361,17 @@ impl Flow {
             FrontendKind::Sync => !self.copy_in,
             _ => false,
         };
+        self.risks.clear();
         let step = self.tracked_client_frame(kind, message);
         if step == ClientStep::Forward {
             if std::mem::take(&mut self.credential) {
                 self.replay.mark_credential();
             }
-            if self.replay.client_message(kind, message, ends_request) {
-                self.shared.stats.replay_log_overflows.inc();
+            if self
+                .replay
+                .client_message(kind, message, &self.risks, ends_request)
+            {
+                self.stats.replay_log_overflows.inc();
             }
         }
         step
@@ -320,6 +393,7 @@ impl Flow {
             FrontendKind::Close => self.close(message),
             FrontendKind::Sync => self.sync(),
             FrontendKind::FunctionCall => {
+                self.risks.push(StatementRisk::Write);
                 let effect = function_effect(frontend::function_oid(message));
                 self.queue.push_back(Pending::Function(effect));
                 ClientStep::Forward
@@ -351,6 +425,7 @@ impl Flow {
         });
         let Some(command) = command else {
             self.credential = effects.contains(&Effect::Credential);
+            self.note_query_risks(sql, &effects);
             // A Query drops the unnamed statement and portal.
             self.statements.unnamed = None;
             self.portals.unnamed = None;
@@ -364,7 +439,7 @@ impl Flow {
         if switches && effects.len() == 1 && !self.queue.is_empty() && !self.unsynced {
             return ClientStep::Hold;
         }
-        self.shared.stats.reprise_statements.inc();
+        self.stats.reprise_statements.inc();
         if effects.len() > 1 {
             self.local_error(
                 sqlstate::FEATURE_NOT_SUPPORTED,
@@ -392,6 +467,20 @@ impl Flow {
         ClientStep::Drop
     }
 
+    /// What each statement of a Query could do if run again.
+    fn note_query_risks(&mut self, sql: &[u8], effects: &[Effect]) {
+        let options = *self.tracker.lex_options();
+        if let [effect] = effects {
+            self.risks.push(StatementRisk::of(effect, sql, &options));
+            return;
+        }
+        let ranges = crate::state::lexer::Statements::new(sql, &options);
+        for (range, effect) in ranges.zip(effects) {
+            self.risks
+                .push(StatementRisk::of(effect, &sql[range], &options));
+        }
+    }
+
     fn parse(&mut self, message: &[u8]) -> ClientStep {
         let Some(fields) = frontend::parse_fields(message) else {
             return ClientStep::Forward;
@@ -399,7 +488,7 @@ impl Flow {
         let effect = self.tracker.statement_effect(fields.query);
         let name = Bytes::copy_from_slice(fields.name);
         if let Effect::Reprise(command) = effect {
-            self.shared.stats.reprise_statements.inc();
+            self.stats.reprise_statements.inc();
             if fields.param_types.iter().any(|oid| *oid != 0) {
                 self.statements.remove(&name);
                 self.local_error(
@@ -417,9 +506,10 @@ impl Flow {
             return ClientStep::Drop;
         }
         self.credential = effect == Effect::Credential;
+        let risk = StatementRisk::of(&effect, fields.query, self.tracker.lex_options());
         let previous = self
             .statements
-            .insert(&name, Target::Server(effect.clone()));
+            .insert(&name, Target::Server(effect.clone(), risk));
         self.unsynced = true;
         self.queue.push_back(Pending::Parse {
             name,
@@ -460,7 +550,10 @@ impl Flow {
                 // effect is looked up when the Execute completes, as for
                 // SQL EXECUTE.
                 let target = target.unwrap_or_else(|| {
-                    Target::Server(Effect::Execute(Bytes::copy_from_slice(statement)))
+                    Target::Server(
+                        Effect::Execute(Bytes::copy_from_slice(statement)),
+                        StatementRisk::Write,
+                    )
                 });
                 self.portals.insert(portal, target);
                 self.unsynced = true;
@@ -523,10 +616,11 @@ impl Flow {
                 ClientStep::Drop
             }
             target => {
-                let effect = match target {
-                    Some(Target::Server(effect)) => effect.clone(),
-                    _ => Effect::Unknown,
+                let (effect, risk) = match target {
+                    Some(Target::Server(effect, risk)) => (effect.clone(), *risk),
+                    _ => (Effect::Unknown, StatementRisk::Write),
                 };
+                self.risks.push(risk);
                 self.unsynced = true;
                 self.queue.push_back(Pending::Execute(effect));
                 ClientStep::Forward
@@ -656,7 +750,7 @@ impl Flow {
         let name = self.unused_statement_name(b"reprise.probe");
         resync::write_probe(&mut self.to_server, &name, self.tracker.probe_names());
         self.queue.push_back(Pending::Probe(Probe::default()));
-        self.shared.stats.state_probes.inc();
+        self.stats.state_probes.inc();
     }
 
     /// Answers to a probe: consumed, except what the server sends on its
@@ -690,7 +784,7 @@ impl Flow {
         if probe.failed {
             // The session stays non-recoverable until DISCARD ALL.
             self.probes = false;
-            self.shared.stats.state_probe_failures.inc();
+            self.stats.state_probe_failures.inc();
         } else {
             let before = self.tracker.template().clone();
             let ready = self.tracker.resync(probe.truth);
@@ -698,8 +792,9 @@ impl Flow {
             if ready.safe {
                 // The server's state now is its state at the last
                 // boundary: whatever the client sent since runs after.
-                self.shared.stats.safe_points.inc();
+                self.stats.safe_points.inc();
                 self.replay.safe_point(ready.template, ready.state_hash);
+                self.hold_safe_template();
                 self.events.push(StateEvent::SafePoint {
                     template: ready.template,
                     state_hash: ready.state_hash,
@@ -725,7 +820,8 @@ impl Flow {
                     .prepared_effect(name)
                     .cloned()
                     .unwrap_or(Effect::Unknown);
-                self.statements.insert(name, Target::Server(effect));
+                let risk = StatementRisk::of(&effect, &statement.query, self.tracker.lex_options());
+                self.statements.insert(name, Target::Server(effect, risk));
             }
         }
     }
@@ -759,9 +855,21 @@ impl Flow {
             }
             _ => startup,
         };
+        self.move_to(target, with_ready, true);
+    }
+
+    /// Brings a session on a fresh server connection (at its startup
+    /// template) to `target`, answering nobody: the plan's answers are
+    /// consumed, and a failure is left in `restore_error`.
+    pub fn restore(&mut self, target: Template) {
+        self.move_to(target, true, false);
+    }
+
+    /// Sends the restore plan from the current template to `target`.
+    fn move_to(&mut self, target: Template, with_ready: bool, answer: bool) {
         let plan = match RestorePlan::between(self.tracker.template(), &target) {
             Ok(plan) => plan,
-            Err(err) => {
+            Err(err) if answer => {
                 self.local_error(
                     sqlstate::OBJECT_NOT_IN_PREREQUISITE_STATE,
                     &format!("cannot move the session into that template: {err}"),
@@ -769,9 +877,13 @@ impl Flow {
                 );
                 return;
             }
+            Err(err) => {
+                self.restore_error = Some(err.to_string());
+                return;
+            }
         };
         if plan.steps.is_empty() {
-            self.finish_switch(target, with_ready);
+            self.finish_switch(target, with_ready, answer);
             return;
         }
         let mut readies = 0;
@@ -797,10 +909,11 @@ impl Flow {
             target,
             error: None,
             with_ready,
+            answer,
         }));
     }
 
-    fn finish_switch(&mut self, target: Template, with_ready: bool) {
+    fn finish_switch(&mut self, target: Template, with_ready: bool, answer: bool) {
         let before = self.tracker.template().clone();
         self.tracker.switch_to(target);
         self.follow_prepared(&before);
@@ -808,10 +921,14 @@ impl Flow {
         let template = self.tracker.template_id();
         let state_hash = self.tracker.state_hash();
         self.replay.safe_point(template, state_hash);
+        self.hold_safe_template();
         self.events.push(StateEvent::SafePoint {
             template,
             state_hash,
         });
+        if !answer {
+            return;
+        }
         let mut out = BytesMut::new();
         reply::command_complete(&mut out, "SET");
         self.queue.push_front(Pending::Local(Answer::Bytes(out)));
@@ -1153,7 +1270,7 @@ impl Flow {
     fn forget_statements(&mut self, effect: &Effect) {
         match effect {
             Effect::Prepare { name, .. } | Effect::Deallocate(Some(name)) => {
-                if let Some(Target::Server(_)) = self.statements.get(name) {
+                if let Some(Target::Server(..)) = self.statements.get(name) {
                     self.statements.remove(name);
                 }
             }
@@ -1218,12 +1335,20 @@ impl Flow {
                         return ServerStep::Consume;
                     };
                     match switch.error {
-                        None => self.finish_switch(switch.target, switch.with_ready),
+                        None => self.finish_switch(switch.target, switch.with_ready, switch.answer),
+                        Some(error) if !switch.answer => {
+                            self.tracker.mark_unknown();
+                            let summary = server_msg::error_summary(&error);
+                            self.restore_error = Some(format!(
+                                "the server refused the restore plan: {} ({})",
+                                summary.message, summary.code
+                            ));
+                        }
                         Some(error) => {
                             // Part of the plan may have run: the state is
                             // known again once read back from the server.
                             self.tracker.mark_unknown();
-                            self.shared.stats.template_switch_failures.inc();
+                            self.stats.template_switch_failures.inc();
                             let mut out = BytesMut::from(&error[..]);
                             if switch.with_ready {
                                 reply::ready_for_query(&mut out, b'I');
@@ -1258,7 +1383,7 @@ impl Flow {
             ?popped,
             "server answer out of step with the requests in flight"
         );
-        self.shared.stats.tracker_mismatches.inc();
+        self.stats.tracker_mismatches.inc();
         self.tracker.mark_unknown();
     }
 
@@ -1273,6 +1398,9 @@ impl Flow {
                 completed,
                 safe_point,
             });
+            if safe_point.is_some() {
+                self.hold_safe_template();
+            }
         }
         let in_flight = self
             .queue
@@ -1281,12 +1409,12 @@ impl Flow {
         if in_flight || self.unsynced {
             return;
         }
-        self.shared.stats.boundaries.inc();
+        self.stats.boundaries.inc();
         self.events.push(StateEvent::Boundary {
             state_hash: ready.state_hash,
         });
         if ready.safe {
-            self.shared.stats.safe_points.inc();
+            self.stats.safe_points.inc();
             self.events.push(StateEvent::SafePoint {
                 template: ready.template,
                 state_hash: ready.state_hash,

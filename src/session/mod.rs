@@ -176,6 +176,7 @@ where
         let mut flow = Flow::new(
             tracker,
             Arc::clone(&shared),
+            Arc::clone(&shared.stats),
             config.session_tracking,
             config.state_probe,
             status,
@@ -485,7 +486,7 @@ where
 }
 
 /// The ParameterStatus values of a server's greeting.
-fn greeting_parameters(greeting: &[u8]) -> Vec<(&[u8], &[u8])> {
+pub(crate) fn greeting_parameters(greeting: &[u8]) -> Vec<(&[u8], &[u8])> {
     let mut parameters = Vec::new();
     let mut rest = greeting;
     while let Ok(Next::Frame { tag, len }) = frame::next(rest, usize::MAX) {

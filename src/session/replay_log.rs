@@ -14,6 +14,7 @@ use std::collections::VecDeque;
 
 use bytes::Bytes;
 
+use crate::replay::risk::{CommandRisk, StatementRisk};
 use crate::template::{StateHash, TemplateId};
 use crate::wire::frame::HEADER_LEN;
 use crate::wire::frontend::FrontendKind;
@@ -33,6 +34,8 @@ pub struct Command {
     /// The server is in COPY FROM STDIN mode for this request: the
     /// client's COPY data belongs to it.
     copy_in: bool,
+    /// Whether running it again could repeat a commit.
+    pub risk: CommandRisk,
 }
 
 /// Why a command's messages are not kept.
@@ -54,6 +57,8 @@ pub struct Completed {
     pub omitted: Omission,
     pub state_hash: StateHash,
     pub result_digest: [u8; 32],
+    /// Whether running it again could repeat a commit.
+    pub risk: CommandRisk,
 }
 
 /// The commands of one session since its last safe point.
@@ -75,6 +80,8 @@ pub struct ReplayLog {
     /// What the client received for the oldest command in flight: the
     /// server answers in order, so only that one is ever being answered.
     digest: blake3::Hasher,
+    /// Messages in `digest`.
+    answered: u32,
     next_seq: u64,
 }
 
@@ -88,16 +95,19 @@ impl ReplayLog {
             over_bound: false,
             safe_point: None,
             digest: blake3::Hasher::new(),
+            answered: 0,
             next_seq: 1,
         }
     }
 
-    /// A client message sent to the server. `ends_request` for a Query,
-    /// FunctionCall or a Sync the server will answer.
+    /// A client message sent to the server, running `statements`.
+    /// `ends_request` for a Query, FunctionCall or a Sync the server will
+    /// answer.
     pub fn client_message(
         &mut self,
         kind: FrontendKind,
         message: &[u8],
+        statements: &[StatementRisk],
         ends_request: bool,
     ) -> bool {
         let copy_data = matches!(
@@ -118,6 +128,9 @@ impl ReplayLog {
             }
         }
         let command = &mut self.in_flight[index];
+        for statement in statements {
+            command.risk.then(*statement);
+        }
         command.message_len += message.len() as u64;
         if command.omitted == Omission::None {
             command.messages.extend_from_slice(message);
@@ -147,6 +160,7 @@ impl ReplayLog {
                 },
                 ended: false,
                 copy_in: false,
+                risk: CommandRisk::default(),
             });
         }
         self.in_flight.len() - 1
@@ -189,11 +203,14 @@ impl ReplayLog {
         if self.in_flight.is_empty() {
             return;
         }
-        if tag == b'E' {
-            digest_error(&mut self.digest, message);
-        } else {
-            self.digest.update(message);
-        }
+        digest_answer(&mut self.digest, tag, message);
+        self.answered += 1;
+    }
+
+    /// How many messages of the oldest command's answer the client has
+    /// received, and their digest so far.
+    pub fn answer_so_far(&self) -> (u32, [u8; 32]) {
+        (self.answered, *self.digest.clone().finalize().as_bytes())
     }
 
     /// The server is in COPY FROM STDIN mode for the oldest command (a
@@ -249,6 +266,7 @@ impl ReplayLog {
         self.digest.update(&[b'Z', status]);
         let result_digest = *self.digest.finalize().as_bytes();
         self.digest.reset();
+        self.answered = 0;
         let completed = Completed {
             seq: command.seq,
             message_len: command.message_len,
@@ -256,6 +274,7 @@ impl ReplayLog {
             messages: Bytes::from(command.messages),
             state_hash,
             result_digest,
+            risk: command.risk,
         };
         match safe_point {
             Some(template) => {
@@ -312,6 +331,21 @@ impl ReplayLog {
     pub fn done(&self) -> &[Completed] {
         &self.done
     }
+
+    /// The commands sent and not answered in full, oldest first.
+    pub fn in_flight(&self) -> impl Iterator<Item = &Command> {
+        self.in_flight.iter()
+    }
+}
+
+/// Adds one message of a result to its digest: everything but an
+/// error's source location (see [`ReplayLog::server_message`]).
+pub fn digest_answer(digest: &mut blake3::Hasher, tag: u8, message: &[u8]) {
+    if tag == b'E' {
+        digest_error(digest, message);
+    } else {
+        digest.update(message);
+    }
 }
 
 /// An error's identity without the server's source location (`F`, `L`,
@@ -353,9 +387,9 @@ mod tests {
         let mut log = ReplayLog::new(1024);
         let parse = frame(b'P', b"\0SELECT 1\0\0\0");
         let sync = frame(b'S', b"");
-        log.client_message(FrontendKind::Parse, &parse, false);
-        log.client_message(FrontendKind::Sync, &sync, true);
-        log.client_message(FrontendKind::Query, &frame(b'Q', b"BEGIN\0"), true);
+        log.client_message(FrontendKind::Parse, &parse, &[], false);
+        log.client_message(FrontendKind::Sync, &sync, &[], true);
+        log.client_message(FrontendKind::Query, &frame(b'Q', b"BEGIN\0"), &[], true);
         assert_eq!(log.len(), 2);
         log.server_message(b'1', &frame(b'1', b""));
         // Notices and parameter changes are not part of a result.
@@ -377,10 +411,10 @@ mod tests {
     fn a_safe_point_empties_what_came_before() {
         let mut log = ReplayLog::new(1024);
         let template = TemplateId::from_bytes([5; 32]);
-        log.client_message(FrontendKind::Query, &frame(b'Q', b"BEGIN\0"), true);
+        log.client_message(FrontendKind::Query, &frame(b'Q', b"BEGIN\0"), &[], true);
         log.completed(b'T', hash(1), None);
-        log.client_message(FrontendKind::Query, &frame(b'Q', b"COMMIT\0"), true);
-        log.client_message(FrontendKind::Query, &frame(b'Q', b"SELECT\0"), true);
+        log.client_message(FrontendKind::Query, &frame(b'Q', b"COMMIT\0"), &[], true);
+        log.client_message(FrontendKind::Query, &frame(b'Q', b"SELECT\0"), &[], true);
         assert!(log.bytes() > 0);
         log.completed(b'I', hash(2), Some(template));
         assert_eq!(log.done().len(), 0);
@@ -397,12 +431,13 @@ mod tests {
         log.client_message(
             FrontendKind::Query,
             &frame(b'Q', b"COPY t FROM STDIN\0"),
+            &[],
             true,
         );
         log.copy_in_started();
-        log.client_message(FrontendKind::CopyData, &frame(b'd', b"1\n"), false);
-        log.client_message(FrontendKind::CopyDone, &frame(b'c', b""), false);
-        log.client_message(FrontendKind::Query, &frame(b'Q', b"SELECT\0"), true);
+        log.client_message(FrontendKind::CopyData, &frame(b'd', b"1\n"), &[], false);
+        log.client_message(FrontendKind::CopyDone, &frame(b'c', b""), &[], false);
+        log.client_message(FrontendKind::Query, &frame(b'Q', b"SELECT\0"), &[], true);
         let copy = log.completed(b'I', hash(1), None).expect("copy");
         assert_eq!(&copy.messages[copy.messages.len() - 5..], b"c\0\0\0\x04");
         let select = log.completed(b'I', hash(1), None).expect("select");
@@ -412,14 +447,24 @@ mod tests {
     #[test]
     fn syncs_ignored_in_copy_mode_end_nothing() {
         let mut log = ReplayLog::new(1024);
-        log.client_message(FrontendKind::Bind, &frame(b'B', b"\0\0\0\0\0\0\0\0"), false);
-        log.client_message(FrontendKind::Execute, &frame(b'E', b"\0\0\0\0\0"), false);
-        log.client_message(FrontendKind::Sync, &frame(b'S', b""), true);
+        log.client_message(
+            FrontendKind::Bind,
+            &frame(b'B', b"\0\0\0\0\0\0\0\0"),
+            &[],
+            false,
+        );
+        log.client_message(
+            FrontendKind::Execute,
+            &frame(b'E', b"\0\0\0\0\0"),
+            &[],
+            false,
+        );
+        log.client_message(FrontendKind::Sync, &frame(b'S', b""), &[], true);
         log.syncs_ignored(1);
         assert_eq!(log.len(), 1);
-        log.client_message(FrontendKind::CopyData, &frame(b'd', b"x"), false);
-        log.client_message(FrontendKind::CopyDone, &frame(b'c', b""), false);
-        log.client_message(FrontendKind::Sync, &frame(b'S', b""), true);
+        log.client_message(FrontendKind::CopyData, &frame(b'd', b"x"), &[], false);
+        log.client_message(FrontendKind::CopyDone, &frame(b'c', b""), &[], false);
+        log.client_message(FrontendKind::Sync, &frame(b'S', b""), &[], true);
         let command = log.completed(b'I', hash(1), None).expect("command");
         assert_eq!(command.message_len, 13 + 10 + 5 + 6 + 5 + 5);
         assert_eq!(log.len(), log.done().len(), "nothing left in flight");
@@ -429,10 +474,10 @@ mod tests {
     fn past_the_bound_nothing_is_kept_until_the_next_safe_point() {
         let mut log = ReplayLog::new(64);
         let template = TemplateId::from_bytes([5; 32]);
-        log.client_message(FrontendKind::Query, &frame(b'Q', b"BEGIN\0"), true);
+        log.client_message(FrontendKind::Query, &frame(b'Q', b"BEGIN\0"), &[], true);
         log.completed(b'T', hash(1), None);
         let big = frame(b'Q', &[b'x'; 100]);
-        assert!(log.client_message(FrontendKind::Query, &big, true));
+        assert!(log.client_message(FrontendKind::Query, &big, &[], true));
         assert!(log.over_bound());
         assert_eq!(log.bytes(), 0);
         assert!(log.done().iter().all(|c| c.omitted == Omission::OverBound));
@@ -440,19 +485,24 @@ mod tests {
         assert_eq!(over.omitted, Omission::OverBound);
         assert!(over.messages.is_empty());
         assert_eq!(over.message_len, big.len() as u64);
-        log.client_message(FrontendKind::Query, &frame(b'Q', b"COMMIT\0"), true);
+        log.client_message(FrontendKind::Query, &frame(b'Q', b"COMMIT\0"), &[], true);
         log.completed(b'I', hash(2), Some(template));
         assert!(!log.over_bound());
-        log.client_message(FrontendKind::Query, &frame(b'Q', b"BEGIN\0"), true);
+        log.client_message(FrontendKind::Query, &frame(b'Q', b"BEGIN\0"), &[], true);
         assert_eq!(log.bytes(), 11);
     }
 
     #[test]
     fn credentials_are_never_kept() {
         let mut log = ReplayLog::new(1024);
-        log.client_message(FrontendKind::Parse, &frame(b'P', b"\0SELECT\0\0\0"), false);
+        log.client_message(
+            FrontendKind::Parse,
+            &frame(b'P', b"\0SELECT\0\0\0"),
+            &[],
+            false,
+        );
         log.mark_credential();
-        log.client_message(FrontendKind::Sync, &frame(b'S', b""), true);
+        log.client_message(FrontendKind::Sync, &frame(b'S', b""), &[], true);
         let command = log.completed(b'I', hash(1), None).expect("command");
         assert_eq!(command.omitted, Omission::Credential);
         assert!(command.messages.is_empty());
@@ -470,7 +520,7 @@ mod tests {
         let mut digests = Vec::new();
         for file in [&b"parse_relation.c"[..], b"elsewhere.c"] {
             let mut log = ReplayLog::new(1024);
-            log.client_message(FrontendKind::Query, &frame(b'Q', b"SELECT\0"), true);
+            log.client_message(FrontendKind::Query, &frame(b'Q', b"SELECT\0"), &[], true);
             log.server_message(b'E', &error(file));
             digests.push(
                 log.completed(b'I', hash(1), None)

@@ -232,6 +232,18 @@ impl Tracker {
         self.template.id()
     }
 
+    /// The current template as registered, to hold on to.
+    pub fn registered(&mut self) -> (TemplateId, Arc<Template>) {
+        self.register();
+        (self.template.id(), Arc::clone(self.template.template()))
+    }
+
+    /// The last value the server reported for each parameter, by folded
+    /// name.
+    pub fn reported(&self) -> &HashMap<Bytes, Bytes> {
+        &self.reported
+    }
+
     /// blake3(TemplateId + replay state), recomputed only after a change.
     pub fn state_hash(&mut self) -> StateHash {
         self.register();

@@ -53,6 +53,17 @@ pub fn parameter_status(frame: &[u8]) -> Option<(&[u8], &[u8])> {
     Some((&body[..name_end], &rest[..value_end]))
 }
 
+/// Makes a NotificationResponse from the server process `from` say it
+/// came from `to`, in place: after a failover the client knows the
+/// session by the first server process's id.
+pub fn rewrite_notification_pid(frame: &mut [u8], from: i32, to: i32) {
+    if let Some(pid) = frame.get_mut(HEADER_LEN..HEADER_LEN + 4) {
+        if *pid == from.to_be_bytes() {
+            pid.copy_from_slice(&to.to_be_bytes());
+        }
+    }
+}
+
 /// Process id and secret key of a BackendKeyData frame.
 pub fn backend_key(frame: &[u8]) -> Option<(i32, i32)> {
     match frame {
