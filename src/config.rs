@@ -320,6 +320,10 @@ pub struct Config {
     /// How long a session may spend getting a new server connection after
     /// losing one, retries with backoff included.
     pub failover_budget: HumanDuration,
+    /// Carry a session over when its server process was ended by
+    /// pg_terminate_backend (or a fast shutdown: both say 57P01); off
+    /// passes that FATAL error to the client.
+    pub replay_terminated: bool,
     pub journal: JournalConfig,
     #[serde(rename = "backend")]
     pub backends: Vec<Backend>,
@@ -347,6 +351,7 @@ impl Default for Config {
             max_replay_log: HumanSize(1024 * 1024),
             failover: true,
             failover_budget: HumanDuration(Duration::from_secs(30)),
+            replay_terminated: true,
             journal: JournalConfig::default(),
             backends: Vec::new(),
         }

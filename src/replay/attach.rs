@@ -216,8 +216,14 @@ pub async fn attach(
         stream.write_all(&out).await?;
     }
     let mut verified = 0;
+    // The first error of the command being verified, for the reason.
+    let mut replay_error: Option<String> = None;
     while verified < replay.done.len() {
         let (tag, message) = link.next(&mut stream).await?;
+        if tag == b'E' && replay_error.is_none() {
+            let summary = server_msg::error_summary(&message);
+            replay_error = Some(format!("{} ({})", summary.message, summary.code));
+        }
         if let Some(message) = link.own_server_frame(tag, message)? {
             flow.server_frame(tag, &message);
         }
@@ -228,11 +234,15 @@ pub async fn attach(
             };
             let original = &replay.done[verified];
             if completed.result_digest != original.result_digest {
+                let got = replay_error
+                    .map(|error| format!(": this time it failed with {error}"))
+                    .unwrap_or_default();
                 return Err(AttachError::diverged(format!(
-                    "replayed command {} returned a different result",
+                    "replayed command {} returned a different result{got}",
                     original.seq
                 )));
             }
+            replay_error = None;
             if completed.state_hash != original.state_hash {
                 return Err(AttachError::diverged(format!(
                     "replayed command {} left the session in a different state",

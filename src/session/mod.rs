@@ -9,6 +9,7 @@
 
 pub mod cancel;
 pub mod control;
+mod failover;
 pub mod flow;
 pub mod recorder;
 pub mod relay;
@@ -22,6 +23,7 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::backend::{self, ConnectError, ServerConnection};
+use crate::config::Backend;
 use crate::proxy::Shared;
 use crate::state::Tracker;
 use crate::wire::backend as server_msg;
@@ -53,6 +55,12 @@ enum Ending {
     ClientError(std::io::Error),
     ClientViolation(String),
     ServerGone(Option<std::io::Error>),
+    /// The server said it is ending the connection, for a reason that a
+    /// new connection may not share (a shutdown, a terminated backend).
+    ServerLost(String),
+    /// The session could not be carried over to a new server connection;
+    /// the client gets this error.
+    FailoverFailed(BytesMut),
     ServerViolation(String),
     Shutdown,
 }
@@ -114,7 +122,7 @@ where
             secret_key: server.secret_key,
         },
     );
-    Session::new(client, &startup, server, registration, shared, id)
+    Session::new(client, startup, backend, server, registration, shared, id)
         .run()
         .await;
 }
@@ -135,13 +143,20 @@ struct Session<C> {
     /// The server sent a FATAL error: its connection is about to end and
     /// the client already knows why.
     server_said_fatal: bool,
-    backend_name: String,
+    shared: Arc<Shared>,
+    /// What the client logged in with, for new server connections.
+    startup: StartupMessage,
+    user: String,
+    backend: Backend,
+    /// The process id of the current server connection; notifications it
+    /// sends carry the client's instead.
+    server_pid: i32,
     draining: bool,
     control: ControlHandle,
     /// Writes the session's records to the journal; none when the journal
     /// or tracking is off.
     recorder: Option<Recorder>,
-    _cancel: CancelHandle,
+    cancel: CancelHandle,
 }
 
 impl<C> Session<C>
@@ -150,7 +165,8 @@ where
 {
     fn new(
         client: C,
-        startup: &StartupMessage,
+        startup: StartupMessage,
+        backend: Backend,
         server: ServerConnection,
         cancel: CancelHandle,
         shared: Arc<Shared>,
@@ -201,16 +217,21 @@ where
         let mut relay = Relay::new(client, server.stream, server.pending);
         relay.to_client.push(greeting.freeze());
         let max_message_size = config.max_message_size();
+        let user = startup.get_lossy("user").unwrap_or_default();
         Session {
             relay,
             max_message_size,
             flow,
             server_said_fatal: false,
-            backend_name: server.backend.name,
-            draining: false,
             control: shared.sessions.register(),
+            shared,
+            startup,
+            user,
+            backend,
+            server_pid: server.process_id,
+            draining: false,
             recorder,
-            _cancel: cancel,
+            cancel,
         }
     }
 
@@ -249,8 +270,32 @@ where
                 }
             };
             ending = self.on_event(event).err();
+            if let Some(lost) = ending.as_ref().and_then(|ending| self.lost_server(ending)) {
+                ending = match self.fail_over(&lost).await {
+                    // Answers that came with the attach go on to the client.
+                    Ok(()) if self.relay.from_server.is_empty() => None,
+                    Ok(()) => self.on_server_data().err(),
+                    Err(message) => Some(Ending::FailoverFailed(message)),
+                };
+            }
         }
         self.finish(ending.unwrap_or(Ending::ClientGone)).await;
+    }
+
+    /// Whether `ending` is a lost server connection the session should be
+    /// carried over from, and how it was lost.
+    fn lost_server(&self, ending: &Ending) -> Option<String> {
+        let config = self.shared.config();
+        if !config.failover || !config.session_tracking || self.relay.client_done {
+            return None;
+        }
+        match ending {
+            Ending::ServerGone(_) if self.server_said_fatal => None,
+            Ending::ServerGone(None) => Some("the server closed the connection".to_owned()),
+            Ending::ServerGone(Some(err)) => Some(err.to_string()),
+            Ending::ServerLost(reason) => Some(reason.clone()),
+            _ => None,
+        }
     }
 
     fn on_event(&mut self, event: Event) -> Result<(), Ending> {
@@ -361,10 +406,34 @@ where
                 ));
                 break;
             }
-            let message = &buf[..len];
-            if tag == b'E' && server_msg::error_summary(message).is_fatal() {
-                self.server_said_fatal = true;
+            if tag == b'E' {
+                let summary = server_msg::error_summary(&buf[..len]);
+                if summary.is_fatal() {
+                    let config = self.shared.config();
+                    if config.failover
+                        && config.session_tracking
+                        && failover::is_connection_loss(&summary.code, config.replay_terminated)
+                    {
+                        // The client must not see it: the session goes on.
+                        self.forward_server_run(run_end);
+                        self.relay.from_server.clear();
+                        self.flush_events();
+                        return Err(Ending::ServerLost(format!(
+                            "{} ({})",
+                            summary.message, summary.code
+                        )));
+                    }
+                    self.server_said_fatal = true;
+                }
+            } else if tag == b'A' && self.server_pid != self.cancel.key().process_id {
+                let end = run_end + len;
+                server_msg::rewrite_notification_pid(
+                    &mut self.relay.from_server[run_end..end],
+                    self.server_pid,
+                    self.cancel.key().process_id,
+                );
             }
+            let message = &self.relay.from_server[run_end..run_end + len];
             match self.flow.server_frame(tag, message) {
                 ServerStep::Forward => run_end += len,
                 ServerStep::Consume => {
@@ -379,12 +448,7 @@ where
             }
         }
         self.forward_server_run(run_end);
-        for event in self.flow.events.drain(..) {
-            match &mut self.recorder {
-                Some(recorder) => recorder.record(event),
-                None => tracing::trace!(?event, "session state"),
-            }
-        }
+        self.flush_events();
         if let Some(message) = violation {
             return Err(Ending::ServerViolation(message));
         }
@@ -397,6 +461,15 @@ where
             return Err(Ending::Shutdown);
         }
         Ok(())
+    }
+
+    fn flush_events(&mut self) {
+        for event in self.flow.events.drain(..) {
+            match &mut self.recorder {
+                Some(recorder) => recorder.record(event),
+                None => tracing::trace!(?event, "session state"),
+            }
+        }
     }
 
     fn forward_server_run(&mut self, len: usize) {
@@ -418,7 +491,7 @@ where
             }
             Ending::ClientError(err) => tracing::debug!(error = %err, "client connection failed"),
             Ending::Shutdown => tracing::info!("closing session: Reprise is shutting down"),
-            _ => tracing::info!(?ending, backend = %self.backend_name, "session ended"),
+            _ => tracing::info!(?ending, backend = %self.backend.name, "session ended"),
         }
         let client_message = match &ending {
             Ending::ClientViolation(message) => {
@@ -428,6 +501,14 @@ where
                 Some(reply::fatal(sqlstate::PROTOCOL_VIOLATION, message))
             }
             Ending::ServerGone(_) if self.server_said_fatal => None,
+            Ending::FailoverFailed(message) => Some(message.clone()),
+            Ending::ServerLost(reason) => Some(reply::fatal(
+                sqlstate::CONNECTION_FAILURE,
+                &format!(
+                    "server connection to \"{}\" was lost: {reason}; the session cannot continue",
+                    self.backend.name
+                ),
+            )),
             Ending::ServerGone(err) => {
                 let reason = err
                     .as_ref()
@@ -437,7 +518,7 @@ where
                     sqlstate::CONNECTION_FAILURE,
                     &format!(
                         "server connection to \"{}\" was lost{reason}; the session cannot continue",
-                        self.backend_name
+                        self.backend.name
                     ),
                 ))
             }
@@ -451,10 +532,15 @@ where
             ending,
             Ending::ClientViolation(_)
                 | Ending::ServerGone(_)
+                | Ending::ServerLost(_)
+                | Ending::FailoverFailed(_)
                 | Ending::ServerViolation(_)
                 | Ending::Shutdown
         );
-        let server_alive = !matches!(ending, Ending::ServerGone(_));
+        let server_alive = !matches!(
+            ending,
+            Ending::ServerGone(_) | Ending::ServerLost(_) | Ending::FailoverFailed(_)
+        );
 
         let relay = &mut self.relay;
         if server_alive {

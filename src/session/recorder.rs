@@ -15,7 +15,7 @@ use tokio::sync::oneshot;
 use super::flow::StateEvent;
 use super::replay_log::{Completed, Omission};
 use crate::journal::record::now_micros;
-use crate::journal::{Appended, JournalHandle, Omitted, Record, Retain};
+use crate::journal::{Appended, JournalHandle, Omitted, OutcomeKind, Record, Retain};
 use crate::state::{classify, Class, Kind, LexOptions};
 use crate::template::{Registry, StateHash, Template, TemplateId};
 
@@ -156,6 +156,17 @@ impl Recorder {
     /// The wait for the last record to be durable, if one is due.
     pub fn take_durable(&mut self) -> Option<oneshot::Receiver<()>> {
         self.durable.take()
+    }
+
+    /// How an attempt to carry the session over to a new server
+    /// connection ended.
+    pub fn append_outcome(&mut self, kind: OutcomeKind, detail: String) {
+        self.append(Record::Outcome {
+            session: self.session,
+            at: now_micros(),
+            kind,
+            detail,
+        });
     }
 
     pub fn end(&mut self) {

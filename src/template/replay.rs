@@ -136,6 +136,18 @@ impl NonRecoverable {
         NonRecoverable::Unclassified,
     ];
 
+    /// What it is, in words for an error message.
+    pub fn describe(self) -> &'static str {
+        match self {
+            NonRecoverable::TempObjects => "temporary objects",
+            NonRecoverable::HoldCursors => "WITH HOLD cursors",
+            NonRecoverable::AdvisoryLocks => "session advisory locks",
+            NonRecoverable::Load => "a library loaded with LOAD",
+            NonRecoverable::SnapshotImport => "an imported snapshot",
+            NonRecoverable::Unclassified => "the effects of a statement Reprise could not classify",
+        }
+    }
+
     /// The bit is part of the canonical encoding: never renumber.
     fn bit(self) -> u16 {
         1 << match self {

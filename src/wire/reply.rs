@@ -20,6 +20,7 @@ use pgwire::messages::Message;
 pub mod sqlstate {
     pub const PROTOCOL_VIOLATION: &str = "08P01";
     pub const CONNECTION_FAILURE: &str = "08006";
+    pub const TRANSACTION_RESOLUTION_UNKNOWN: &str = "08007";
     pub const CLIENT_CANNOT_CONNECT: &str = "08001";
     pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
     pub const ACTIVE_SQL_TRANSACTION: &str = "25001";

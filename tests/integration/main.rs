@@ -4,6 +4,7 @@
 
 mod bad_input;
 mod clients;
+mod failover;
 mod hooks;
 mod journal;
 mod lifecycle;

@@ -420,8 +420,11 @@ async fn function_call_and_row_of_fifty_megabytes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn server_loss_reaches_the_client() {
-    let harness = Harness::start().await;
+async fn server_loss_reaches_the_client_when_failover_is_off() {
+    let harness = Harness::start_with(throwaway_pg::Options::default(), |config| {
+        config.failover = false;
+    })
+    .await;
     let (observer, _) = harness.connect_direct().await;
 
     // Terminated by an administrator: the client gets the server's own

@@ -32,6 +32,7 @@ impl Harness {
     /// Starts a cluster with `options` and a proxy whose config `tweak`
     /// may adjust.
     pub async fn start_with(options: Options, tweak: impl FnOnce(&mut Config)) -> Harness {
+        init_logging();
         let cluster = start_cluster(options).await;
         let data_dir = tempfile::Builder::new()
             .prefix("reprise-test-")
@@ -111,6 +112,16 @@ impl Harness {
 impl Drop for Harness {
     fn drop(&mut self) {
         self.handle.terminate();
+    }
+}
+
+/// Reprise's log, shown for failing tests when `RUST_LOG` asks for it.
+fn init_logging() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
     }
 }
 

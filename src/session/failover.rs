@@ -1,0 +1,319 @@
+//! Failover: carry a session whose server connection was lost over to a
+//! new one, so that the client sees a pause instead of an error.
+//!
+//! The session first checks that its work can be redone exactly: nothing
+//! non-recoverable since the last safe point, a replay log within its
+//! bound, and no command in flight that could have committed. Then it
+//! opens new server connections, with backoff, until one can be attached
+//! (see [`crate::replay::attach`]) or the budget runs out. While it tries,
+//! nothing is read from the client: its traffic waits in the socket.
+//!
+//! Every attempt ends in a journal record and a counter. A session that
+//! cannot be carried over ends with SQLSTATE 08006 and a DETAIL naming the
+//! cause, or 08007 when a command in flight may have committed.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::cancel::CancelTarget;
+use super::relay::Outbox;
+use super::replay_log::Omission;
+use super::Session;
+use crate::backend::{self, ConnectError};
+use crate::journal::OutcomeKind;
+use crate::replay::attach::{self, AttachError, Attached, Cause, Replay};
+use crate::replay::risk;
+use crate::wire::reply::{self, sqlstate, Severity};
+
+/// The first pause between attempts; it doubles up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(20);
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Whether a FATAL error with SQLSTATE `code` means the server connection
+/// was lost rather than ended on purpose. 25P03 (idle in transaction
+/// timeout), 57P05 (idle session timeout) and 57P04 (database dropped)
+/// are on purpose; so is 08P01, which the server sends about what the
+/// client sent and would send again after a replay.
+pub(super) fn is_connection_loss(code: &str, replay_terminated: bool) -> bool {
+    match code {
+        "57P01" => replay_terminated,
+        "57P02" | "57P03" => true,
+        "08P01" => false,
+        code => code.starts_with("08"),
+    }
+}
+
+/// Why a session could not be carried over.
+enum Failure {
+    /// 08006 with the cause in DETAIL.
+    Refused { cause: Cause, reason: String },
+    /// 08007: a command in flight may have committed.
+    OutcomeUnknown,
+}
+
+impl Failure {
+    fn refused(cause: Cause, reason: impl Into<String>) -> Failure {
+        Failure::Refused {
+            cause,
+            reason: reason.into(),
+        }
+    }
+
+    fn detail(&self) -> String {
+        match self {
+            Failure::Refused { cause, reason } => format!("{}: {reason}", cause.code()),
+            Failure::OutcomeUnknown => "transaction-resolution-unknown".to_owned(),
+        }
+    }
+
+    /// The error the client gets.
+    fn client_error(&self, lost: &str) -> BytesMut {
+        let mut out = BytesMut::new();
+        match self {
+            Failure::Refused { cause, reason } => reply::error(
+                &mut out,
+                Severity::Fatal,
+                sqlstate::CONNECTION_FAILURE,
+                &format!("server connection was lost ({lost}) and the session could not be carried over: {reason}"),
+                Some(cause.code()),
+            ),
+            Failure::OutcomeUnknown => reply::error(
+                &mut out,
+                Severity::Fatal,
+                sqlstate::TRANSACTION_RESOLUTION_UNKNOWN,
+                &format!(
+                    "server connection was lost ({lost}) while a command that may have committed was in flight; whether it committed is unknown"
+                ),
+                Some("transaction-resolution-unknown"),
+            ),
+        }
+        out
+    }
+}
+
+/// An attempt that did not attach.
+enum Attempt {
+    /// Worth another try: the server is away or restarting.
+    Retry(String),
+    Fail(Failure),
+}
+
+impl<C> Session<C>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    /// Replaces the lost server connection. `Ok` when the session goes on
+    /// on a new one; otherwise the error for the client.
+    pub(super) async fn fail_over(&mut self, lost: &str) -> Result<(), BytesMut> {
+        let stats = Arc::clone(&self.shared.stats);
+        stats.failovers.inc();
+        let started = Instant::now();
+        tracing::info!(backend = %self.backend.name, reason = lost, "server connection lost; carrying the session over");
+        match self.carry_over(started).await {
+            Ok(attached) => {
+                let pause = started.elapsed();
+                let replayed = attached.replayed;
+                self.adopt(attached);
+                stats.failovers_recovered.inc();
+                stats.commands_replayed.add(replayed as u64);
+                self.outcome(
+                    OutcomeKind::Recovered,
+                    format!("replayed {replayed} commands in {pause:?} after: {lost}"),
+                );
+                tracing::info!(
+                    backend = %self.backend.name,
+                    server_pid = self.server_pid,
+                    replayed,
+                    pause_ms = pause.as_secs_f64() * 1000.0,
+                    "session carried over to a new server connection"
+                );
+                Ok(())
+            }
+            Err(failure) => {
+                stats.failovers_failed.inc();
+                let detail = failure.detail();
+                tracing::warn!(backend = %self.backend.name, reason = lost, cause = %detail, "session could not be carried over");
+                self.outcome(OutcomeKind::Failed, detail);
+                Err(failure.client_error(lost))
+            }
+        }
+    }
+
+    /// Checks that the session can be replayed, then attaches new server
+    /// connections until one takes or the budget is spent.
+    async fn carry_over(&mut self, started: Instant) -> Result<Attached, Failure> {
+        self.check_replayable()?;
+        let (target, target_hash) = self.flow.restore_target().ok_or_else(|| {
+            Failure::refused(
+                Cause::NonRecoverableState,
+                "the template of the last safe point is no longer registered",
+            )
+        })?;
+        let mut in_flight = BytesMut::new();
+        for command in self.flow.replay.in_flight() {
+            in_flight.extend_from_slice(&command.messages);
+        }
+        let in_flight = in_flight.freeze();
+        let config = self.shared.config();
+        let budget = config.failover_budget.0;
+        let deadline = started + budget;
+        let max_message_size = config.max_message_size();
+        let mut backoff = FIRST_BACKOFF;
+        let mut last_problem = String::from("no attempt finished");
+        let mut attempts = 0u32;
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Failure::refused(
+                    Cause::BudgetExhausted,
+                    format!(
+                        "no server connection could be attached within {budget:?} ({attempts} attempts; last: {last_problem})"
+                    ),
+                ));
+            }
+            attempts += 1;
+            let replay = Replay {
+                startup: &self.startup.parameters,
+                target: target.clone(),
+                target_hash,
+                done: self.flow.replay.done(),
+                in_flight: in_flight.clone(),
+                answered: self.flow.replay.answer_so_far(),
+                known_parameters: self.flow.tracker.reported(),
+                client_process_id: self.cancel.key().process_id,
+            };
+            let attempt = async {
+                let server = backend::connect(
+                    &self.backend,
+                    &self.startup,
+                    self.shared.users().password(&self.user),
+                    config.connect_timeout.0,
+                    &config.tcp_keepalive,
+                    max_message_size,
+                )
+                .await
+                .map_err(connect_problem)?;
+                attach::attach(server, &self.shared, replay, max_message_size)
+                    .await
+                    .map_err(|err| match err {
+                        AttachError::Refused { cause, reason } => {
+                            Attempt::Fail(Failure::Refused { cause, reason })
+                        }
+                        AttachError::Connection(problem) => Attempt::Retry(problem),
+                    })
+            };
+            match tokio::time::timeout(deadline - now, attempt).await {
+                Ok(Ok(attached)) => return Ok(attached),
+                Ok(Err(Attempt::Fail(failure))) => return Err(failure),
+                Ok(Err(Attempt::Retry(problem))) => {
+                    tracing::debug!(backend = %self.backend.name, attempt = attempts, problem = %problem, "failover attempt failed; retrying");
+                    last_problem = problem;
+                }
+                Err(_) => last_problem = "the last attempt ran out of time".to_owned(),
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            tokio::time::sleep(backoff.min(left)).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    /// Whether the work since the last safe point can be redone exactly.
+    fn check_replayable(&mut self) -> Result<(), Failure> {
+        let non_recoverable = self.flow.tracker.replay_state().non_recoverable;
+        if !non_recoverable.is_empty() {
+            let held: Vec<&str> = non_recoverable.iter().map(|kind| kind.describe()).collect();
+            return Err(Failure::refused(
+                Cause::NonRecoverableState,
+                format!(
+                    "the session holds {}, which no replay can rebuild",
+                    held.join(", ")
+                ),
+            ));
+        }
+        if self.flow.tracker.unreplayable() {
+            return Err(Failure::refused(
+                Cause::NonRecoverableState,
+                "a statement since the last safe point cannot be replayed as sent",
+            ));
+        }
+        let replay = &self.flow.replay;
+        if replay.over_bound() {
+            return Err(Failure::refused(
+                Cause::ReplayLogOverflow,
+                "the commands since the last safe point outgrew max_replay_log",
+            ));
+        }
+        let carries_credential = replay
+            .done()
+            .iter()
+            .map(|command| command.omitted)
+            .chain(replay.in_flight().map(|command| command.omitted))
+            .any(|omitted| omitted == Omission::Credential);
+        if carries_credential {
+            return Err(Failure::refused(
+                Cause::NonRecoverableState,
+                "a command since the last safe point carries a credential, which Reprise does not keep",
+            ));
+        }
+        let risks = replay
+            .done()
+            .iter()
+            .map(|command| &command.risk)
+            .chain(replay.in_flight().map(|command| &command.risk));
+        if !risk::rerunnable(false, risks) {
+            return Err(Failure::OutcomeUnknown);
+        }
+        self.flow
+            .forget_own_requests()
+            .map_err(|reason| Failure::refused(Cause::NonRecoverableState, reason))
+    }
+
+    /// Makes the attached connection the session's server connection.
+    fn adopt(&mut self, attached: Attached) {
+        let relay = &mut self.relay;
+        relay.server = attached.stream;
+        relay.from_server = attached.inbox;
+        // What was queued for the old server is in the replay log and went
+        // to the new one during the attach.
+        relay.to_server = Outbox::default();
+        relay.to_client.push(attached.to_client.freeze());
+        for (name, value) in &attached.changed_parameters {
+            self.flow.tracker.parameter_status(name, value);
+        }
+        self.server_pid = attached.process_id;
+        self.server_said_fatal = false;
+        self.cancel.retarget(CancelTarget {
+            backend: self.backend.clone(),
+            process_id: attached.process_id,
+            secret_key: attached.secret_key,
+        });
+    }
+
+    fn outcome(&mut self, kind: OutcomeKind, detail: String) {
+        if let Some(recorder) = &mut self.recorder {
+            recorder.append_outcome(kind, detail);
+        }
+    }
+}
+
+/// Sorts a failed connection attempt: a server that is away, starting,
+/// shutting down or full may take the session later; one that refuses it
+/// (authentication, a missing database) will not.
+fn connect_problem(err: ConnectError) -> Attempt {
+    match &err {
+        ConnectError::Unreachable { .. } | ConnectError::Timeout { .. } | ConnectError::Lost(_) => {
+            Attempt::Retry(err.to_string())
+        }
+        ConnectError::Refused { summary, .. }
+            if summary.code.starts_with("08")
+                || summary.code.starts_with("57P")
+                || summary.code == sqlstate::TOO_MANY_CONNECTIONS =>
+        {
+            Attempt::Retry(err.to_string())
+        }
+        _ => Attempt::Fail(Failure::refused(Cause::NoWritableServer, err.to_string())),
+    }
+}
