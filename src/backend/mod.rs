@@ -1,7 +1,8 @@
 //! Server connections: opening them, logging in on the client's behalf,
-//! and sending cancel requests.
+//! sending cancel requests, and Reprise's own queries on them.
 
 pub mod connect;
+pub mod query;
 pub mod socket;
 
 pub use connect::{connect, send_cancel, ConnectError, ServerConnection};

@@ -3,4 +3,5 @@
 //! connection and brings it to the session's state ([`attach`]).
 
 pub mod attach;
+pub mod outcome;
 pub mod risk;

@@ -154,11 +154,24 @@ impl CommandRisk {
 }
 
 /// Whether commands that started in order from `in_block` can all be re-run.
-pub fn rerunnable<'a>(
+pub fn rerunnable<'a>(in_block: bool, commands: impl IntoIterator<Item = &'a CommandRisk>) -> bool {
+    rerunnable_settled(
+        in_block,
+        commands.into_iter().map(|command| (command, false)),
+    )
+}
+
+/// The same, where a command paired with `true` is a COMMIT known not to
+/// have committed: it ends the transaction block and can run again.
+pub fn rerunnable_settled<'a>(
     mut in_block: bool,
-    commands: impl IntoIterator<Item = &'a CommandRisk>,
+    commands: impl IntoIterator<Item = (&'a CommandRisk, bool)>,
 ) -> bool {
-    for command in commands {
+    for (command, settled) in commands {
+        if settled {
+            in_block = false;
+            continue;
+        }
         let (ok, after) = command.course(in_block);
         if !ok {
             return false;

@@ -19,13 +19,16 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::cancel::CancelTarget;
+use super::flow::ServerStep;
 use super::relay::Outbox;
-use super::replay_log::Omission;
+use super::replay_log::{digest_answer, Omission};
 use super::Session;
 use crate::backend::{self, ConnectError};
 use crate::journal::OutcomeKind;
 use crate::replay::attach::{self, AttachError, Attached, Cause, Replay};
+use crate::replay::outcome::{self, CommitMark, Verdict};
 use crate::replay::risk;
+use crate::wire::frame::{self, Next};
 use crate::wire::reply::{self, sqlstate, Severity};
 
 /// The first pause between attempts; it doubles up to [`MAX_BACKOFF`].
@@ -50,8 +53,8 @@ pub(super) fn is_connection_loss(code: &str, replay_terminated: bool) -> bool {
 enum Failure {
     /// 08006 with the cause in DETAIL.
     Refused { cause: Cause, reason: String },
-    /// 08007: a command in flight may have committed.
-    OutcomeUnknown,
+    /// 08007: a command in flight may have committed; why it is unknown.
+    OutcomeUnknown(String),
 }
 
 impl Failure {
@@ -65,7 +68,7 @@ impl Failure {
     fn detail(&self) -> String {
         match self {
             Failure::Refused { cause, reason } => format!("{}: {reason}", cause.code()),
-            Failure::OutcomeUnknown => "transaction-resolution-unknown".to_owned(),
+            Failure::OutcomeUnknown(reason) => format!("transaction-resolution-unknown: {reason}"),
         }
     }
 
@@ -80,7 +83,7 @@ impl Failure {
                 &format!("server connection was lost ({lost}) and the session could not be carried over: {reason}"),
                 Some(cause.code()),
             ),
-            Failure::OutcomeUnknown => reply::error(
+            Failure::OutcomeUnknown(_) => reply::error(
                 &mut out,
                 Severity::Fatal,
                 sqlstate::TRANSACTION_RESOLUTION_UNKNOWN,
@@ -145,22 +148,11 @@ where
     /// Checks that the session can be replayed, then attaches new server
     /// connections until one takes or the budget is spent.
     async fn carry_over(&mut self, started: Instant) -> Result<Attached, Failure> {
-        self.check_replayable()?;
-        let (target, target_hash) = self.flow.restore_target().ok_or_else(|| {
-            Failure::refused(
-                Cause::NonRecoverableState,
-                "the template of the last safe point is no longer registered",
-            )
-        })?;
-        let mut in_flight = BytesMut::new();
-        for command in self.flow.replay.in_flight() {
-            in_flight.extend_from_slice(&command.messages);
-        }
-        let in_flight = in_flight.freeze();
+        let mut unsettled = self.check_replayable()?;
         let config = self.shared.config();
         let budget = config.failover_budget.0;
         let deadline = started + budget;
-        let max_message_size = config.max_message_size();
+        let old_process_id = self.server_pid;
         let mut backoff = FIRST_BACKOFF;
         let mut last_problem = String::from("no attempt finished");
         let mut attempts = 0u32;
@@ -175,36 +167,7 @@ where
                 ));
             }
             attempts += 1;
-            let replay = Replay {
-                startup: &self.startup.parameters,
-                target: target.clone(),
-                target_hash,
-                done: self.flow.replay.done(),
-                in_flight: in_flight.clone(),
-                answered: self.flow.replay.answer_so_far(),
-                known_parameters: self.flow.tracker.reported(),
-                client_process_id: self.cancel.key().process_id,
-            };
-            let attempt = async {
-                let server = backend::connect(
-                    &self.backend,
-                    &self.startup,
-                    self.shared.users().password(&self.user),
-                    config.connect_timeout.0,
-                    &config.tcp_keepalive,
-                    max_message_size,
-                )
-                .await
-                .map_err(connect_problem)?;
-                attach::attach(server, &self.shared, replay, max_message_size)
-                    .await
-                    .map_err(|err| match err {
-                        AttachError::Refused { cause, reason } => {
-                            Attempt::Fail(Failure::Refused { cause, reason })
-                        }
-                        AttachError::Connection(problem) => Attempt::Retry(problem),
-                    })
-            };
+            let attempt = self.attempt(&mut unsettled, old_process_id);
             match tokio::time::timeout(deadline - now, attempt).await {
                 Ok(Ok(attached)) => return Ok(attached),
                 Ok(Err(Attempt::Fail(failure))) => return Err(failure),
@@ -220,8 +183,122 @@ where
         }
     }
 
+    /// One new server connection: settle a COMMIT in flight, then attach.
+    async fn attempt(
+        &mut self,
+        unsettled: &mut Option<CommitMark>,
+        old_process_id: i32,
+    ) -> Result<Attached, Attempt> {
+        let config = self.shared.config();
+        let max_message_size = config.max_message_size();
+        let mut server = backend::connect(
+            &self.backend,
+            &self.startup,
+            self.shared.users().password(&self.user),
+            config.connect_timeout.0,
+            &config.tcp_keepalive,
+            max_message_size,
+        )
+        .await
+        .map_err(connect_problem)?;
+        if let Some(mark) = unsettled.clone() {
+            let verdict = outcome::settle(
+                &mut server.stream,
+                &mut server.pending,
+                &mark,
+                old_process_id,
+                max_message_size,
+            )
+            .await
+            .map_err(Attempt::Retry)?;
+            tracing::info!(backend = %self.backend.name, xid = ?mark.xid, ?verdict, "outcome of the COMMIT in flight");
+            match verdict {
+                Verdict::Committed => self.answer_commit().map_err(Attempt::Fail)?,
+                Verdict::Aborted => {}
+                Verdict::Unknown(reason) => {
+                    return Err(Attempt::Fail(Failure::OutcomeUnknown(reason)))
+                }
+            }
+            *unsettled = None;
+        }
+        let (target, target_hash) = self.flow.restore_target().ok_or_else(|| {
+            Attempt::Fail(Failure::refused(
+                Cause::NonRecoverableState,
+                "the template of the last safe point is no longer registered",
+            ))
+        })?;
+        let mut in_flight = BytesMut::new();
+        for command in self.flow.replay.in_flight() {
+            in_flight.extend_from_slice(&command.messages);
+        }
+        let replay = Replay {
+            startup: &self.startup.parameters,
+            target,
+            target_hash,
+            done: self.flow.replay.done(),
+            in_flight: in_flight.freeze(),
+            answered: self.flow.replay.answer_so_far(),
+            known_parameters: self.flow.tracker.reported(),
+            client_process_id: self.cancel.key().process_id,
+        };
+        attach::attach(server, &self.shared, replay, max_message_size)
+            .await
+            .map_err(|err| match err {
+                AttachError::Refused { cause, reason } => {
+                    Attempt::Fail(Failure::Refused { cause, reason })
+                }
+                AttachError::Connection(problem) => Attempt::Retry(problem),
+            })
+    }
+
+    /// The COMMIT in flight committed: the client gets the answer the old
+    /// server connection could not give, and the session moves on from
+    /// there, as if it had arrived.
+    fn answer_commit(&mut self) -> Result<(), Failure> {
+        let mut answer = BytesMut::new();
+        reply::command_complete(&mut answer, "COMMIT");
+        reply::ready_for_query(&mut answer, b'I');
+        let (answered, received) = self.flow.replay.answer_so_far();
+        let mut seen = blake3::Hasher::new();
+        let mut index = 0;
+        while let Ok(Next::Frame { tag, len }) = frame::next(&answer, usize::MAX) {
+            let message = answer.split_to(len);
+            if index < answered {
+                digest_answer(&mut seen, tag, &message);
+            } else {
+                if index == answered && *seen.finalize().as_bytes() != received {
+                    return Err(Failure::refused(
+                        Cause::ReplayDiverged,
+                        "the client received an answer to the COMMIT that a commit does not give",
+                    ));
+                }
+                if self.flow.server_frame(tag, &message) == ServerStep::Forward {
+                    self.relay.to_client.push(message.freeze());
+                }
+                self.push_flow_output();
+            }
+            index += 1;
+        }
+        self.flush_events();
+        let replay = &self.flow.replay;
+        let commands = replay
+            .done()
+            .iter()
+            .map(|command| &command.risk)
+            .chain(replay.in_flight().map(|command| &command.risk));
+        if !risk::rerunnable(false, commands) {
+            return Err(Failure::refused(
+                Cause::NonRecoverableState,
+                "the committed transaction left session state that only running it again could rebuild",
+            ));
+        }
+        Ok(())
+    }
+
     /// Whether the work since the last safe point can be redone exactly.
-    fn check_replayable(&mut self) -> Result<(), Failure> {
+    /// A COMMIT in flight whose transaction id is known is returned: its
+    /// outcome is asked of the new server connection.
+    fn check_replayable(&mut self) -> Result<Option<CommitMark>, Failure> {
         let non_recoverable = self.flow.tracker.replay_state().non_recoverable;
         if !non_recoverable.is_empty() {
             let held: Vec<&str> = non_recoverable.iter().map(|kind| kind.describe()).collect();
@@ -258,17 +335,36 @@ where
                 "a command since the last safe point carries a credential, which Reprise does not keep",
             ));
         }
-        let risks = replay
-            .done()
-            .iter()
-            .map(|command| &command.risk)
-            .chain(replay.in_flight().map(|command| &command.risk));
-        if !risk::rerunnable(false, risks) {
-            return Err(Failure::OutcomeUnknown);
-        }
+        // Only the oldest command in flight can be a COMMIT worth settling:
+        // answers come in order, so nothing after it was answered either.
+        let mark = replay
+            .in_flight()
+            .next()
+            .and_then(|command| self.flow.commit_mark(command.seq))
+            .cloned();
+        let commands = || {
+            replay
+                .done()
+                .iter()
+                .map(|command| (&command.risk, false))
+                .chain(replay.in_flight().map(|command| {
+                    let settled = mark.as_ref().is_some_and(|mark| mark.seq == command.seq);
+                    (&command.risk, settled)
+                }))
+        };
+        let question = if risk::rerunnable(false, commands().map(|(risk, _)| risk)) {
+            None
+        } else if mark.is_some() && risk::rerunnable_settled(false, commands()) {
+            mark
+        } else {
+            return Err(Failure::OutcomeUnknown(
+                "a command that may have committed was in flight".to_owned(),
+            ));
+        };
         self.flow
             .forget_own_requests()
-            .map_err(|reason| Failure::refused(Cause::NonRecoverableState, reason))
+            .map_err(|reason| Failure::refused(Cause::NonRecoverableState, reason))?;
+        Ok(question)
     }
 
     /// Makes the attached connection the session's server connection.
@@ -285,6 +381,7 @@ where
         }
         self.server_pid = attached.process_id;
         self.server_said_fatal = false;
+        self.flow.server_changed();
         self.cancel.retarget(CancelTarget {
             backend: self.backend.clone(),
             process_id: attached.process_id,

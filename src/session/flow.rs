@@ -14,6 +14,7 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 
 use crate::proxy::Shared;
+use crate::replay::outcome::{self, CommitMark, ServerIdentity};
 use crate::replay::risk::StatementRisk;
 use crate::session::replay_log::{Completed, ReplayLog};
 use crate::state::effect::{isolation_name, Discard};
@@ -39,6 +40,8 @@ pub enum ClientStep {
     /// Leave it, and everything after it, unread until nothing is in
     /// flight.
     Hold,
+    /// Send what the flow queued for the server first, then this frame.
+    Precede,
 }
 
 /// What to do with a server frame.
@@ -154,6 +157,9 @@ enum Pending {
     /// A request that fails on purpose, so that the server abandons the
     /// rest of an extended batch as PostgreSQL would after an error.
     Abort,
+    /// Reprise's own question ahead of a COMMIT: the transaction id (see
+    /// [`outcome`]).
+    Xid(XidQuestion),
     /// Reprise's own reading of the session state (see
     /// [`resync`](crate::state::resync)).
     Probe(Probe),
@@ -161,6 +167,14 @@ enum Pending {
     /// had said it was in copy-in mode: the Syncs before this mark reach
     /// the server in copy-in mode, where it ignores them.
     CopyEnd,
+}
+
+#[derive(Debug)]
+struct XidQuestion {
+    /// The replay-log command of the COMMIT.
+    seq: u64,
+    answer: Option<(Option<u64>, Option<ServerIdentity>)>,
+    failed: bool,
 }
 
 #[derive(Debug, Default)]
@@ -247,6 +261,12 @@ pub struct Flow {
     /// The template of the last safe point, held so that a restore can
     /// still find it after the session moved on.
     safe_template: Option<(TemplateId, Arc<Template>)>,
+    /// Ask for the transaction id ahead of each COMMIT.
+    learn_commit_xids: bool,
+    /// The server of the current connection, once a COMMIT asked.
+    server_identity: Option<ServerIdentity>,
+    /// What the last question ahead of a COMMIT learnt.
+    commit_mark: Option<CommitMark>,
 }
 
 impl Flow {
@@ -282,7 +302,29 @@ impl Flow {
             events: Vec::new(),
             restore_error: None,
             safe_template: None,
+            learn_commit_xids: false,
+            server_identity: None,
+            commit_mark: None,
         }
+    }
+
+    /// Ask for the transaction id ahead of every COMMIT of an explicit
+    /// transaction, so that a lost answer to it can be settled.
+    pub fn learn_commit_xids(&mut self, on: bool) {
+        self.learn_commit_xids = on;
+    }
+
+    /// What was learnt before the COMMIT of replay-log command `seq`, if
+    /// that COMMIT went to the current server connection.
+    pub fn commit_mark(&self, seq: u64) -> Option<&CommitMark> {
+        self.commit_mark.as_ref().filter(|mark| mark.seq == seq)
+    }
+
+    /// The session moved to another server connection: what was learnt
+    /// about the old one no longer holds.
+    pub fn server_changed(&mut self) {
+        self.server_identity = None;
+        self.commit_mark = None;
     }
 
     /// The template and state hash a new server connection must be brought
@@ -321,7 +363,7 @@ impl Flow {
     /// for. State probes are dropped (the next boundary asks again).
     pub fn forget_own_requests(&mut self) -> Result<(), &'static str> {
         self.queue
-            .retain(|pending| !matches!(pending, Pending::Probe(_)));
+            .retain(|pending| !matches!(pending, Pending::Probe(_) | Pending::Xid(_)));
         if self
             .queue
             .iter()
@@ -363,7 +405,7 @@ impl Flow {
         };
         self.risks.clear();
         let step = self.tracked_client_frame(kind, message);
-        if step == ClientStep::Forward {
+        if matches!(step, ClientStep::Forward | ClientStep::Precede) {
             if std::mem::take(&mut self.credential) {
                 self.replay.mark_credential();
             }
@@ -429,8 +471,19 @@ impl Flow {
             // A Query drops the unnamed statement and portal.
             self.statements.unnamed = None;
             self.portals.unnamed = None;
+            let ask_xid = self.learn_commit_xids
+                && !self.unsynced
+                && matches!(effects.as_slice(), [Effect::Commit { chain: false }])
+                && (self.status == b'T' || self.requests_in_flight());
+            if ask_xid {
+                self.ask_xid();
+            }
             self.queue.push_back(Pending::Query(effects.into()));
-            return ClientStep::Forward;
+            return if ask_xid {
+                ClientStep::Precede
+            } else {
+                ClientStep::Forward
+            };
         };
         let switches = matches!(
             command,
@@ -721,6 +774,81 @@ impl Flow {
         self.drain_local();
     }
 
+    /// Requests of the client or of Reprise are waiting for the server.
+    fn requests_in_flight(&self) -> bool {
+        self.queue
+            .iter()
+            .any(|pending| !matches!(pending, Pending::Local(_)))
+    }
+
+    /// Queues the question for the transaction id ahead of the COMMIT the
+    /// client is sending.
+    fn ask_xid(&mut self) {
+        let sql = if self.server_identity.is_some() {
+            outcome::XID_QUERY
+        } else {
+            outcome::XID_AND_IDENTITY_QUERY
+        };
+        frame::write_frame(&mut self.to_server, Some(b'Q'), |body| {
+            body.extend_from_slice(sql.as_bytes());
+            body.extend_from_slice(&[0]);
+        });
+        self.queue.push_back(Pending::Xid(XidQuestion {
+            seq: self.replay.next_command_seq(),
+            answer: None,
+            failed: false,
+        }));
+    }
+
+    /// Answers to the question for the transaction id: consumed, except
+    /// what the server sends on its own.
+    fn xid_frame(&mut self, tag: u8, message: &[u8]) -> ServerStep {
+        let Some(Pending::Xid(question)) = self.queue.front_mut() else {
+            return ServerStep::Forward;
+        };
+        match tag {
+            b'E' if server_msg::error_summary(message).is_fatal() => return ServerStep::Forward,
+            b'E' => question.failed = true,
+            b'D' => match server_msg::data_row_fields(message).as_deref() {
+                Some([xid, identity @ ..]) => {
+                    let xid = match xid {
+                        None => Some(None),
+                        Some(text) => std::str::from_utf8(text)
+                            .ok()
+                            .and_then(|text| text.parse().ok())
+                            .map(Some),
+                    };
+                    match xid {
+                        Some(xid) => {
+                            question.answer = Some((xid, ServerIdentity::from_fields(identity)))
+                        }
+                        None => question.failed = true,
+                    }
+                }
+                _ => question.failed = true,
+            },
+            b'A' | b'N' => return ServerStep::Forward,
+            b'Z' => {
+                if let Some(Pending::Xid(question)) = self.queue.pop_front() {
+                    self.commit_mark = None;
+                    if let (Some((xid, identity)), false) = (question.answer, question.failed) {
+                        if identity.is_some() {
+                            self.server_identity = identity;
+                        }
+                        self.commit_mark = Some(CommitMark {
+                            seq: question.seq,
+                            xid,
+                            identity: self.server_identity.clone(),
+                        });
+                    }
+                }
+                self.drain_local();
+            }
+            _ => {}
+        }
+        ServerStep::Consume
+    }
+
     /// A statement name the session does not use, for Reprise's own.
     fn unused_statement_name(&self, base: &[u8]) -> Vec<u8> {
         let mut name = base.to_vec();
@@ -735,10 +863,7 @@ impl Flow {
     /// Sends a probe of the session state if the tracker wants one and
     /// the session is idle with nothing in flight.
     fn maybe_probe(&mut self) {
-        let in_flight = self
-            .queue
-            .iter()
-            .any(|pending| !matches!(pending, Pending::Local(_)));
+        let in_flight = self.requests_in_flight();
         if !self.probes
             || in_flight
             || self.unsynced
@@ -1166,6 +1291,7 @@ impl Flow {
         match self.queue.front() {
             Some(Pending::Switch(_)) => return self.switch_frame(tag, message),
             Some(Pending::Probe(_)) => return self.probe_frame(tag, message),
+            Some(Pending::Xid(_)) => return self.xid_frame(tag, message),
             _ => {}
         }
         match tag {
@@ -1402,10 +1528,7 @@ impl Flow {
                 self.hold_safe_template();
             }
         }
-        let in_flight = self
-            .queue
-            .iter()
-            .any(|pending| !matches!(pending, Pending::Local(_)));
+        let in_flight = self.requests_in_flight();
         if in_flight || self.unsynced {
             return;
         }

@@ -198,6 +198,7 @@ where
             status,
             config.max_replay_log(),
         );
+        flow.learn_commit_xids(config.failover);
         let recorder = match &shared.journal {
             Some(journal) if config.session_tracking => {
                 let template_id = flow.tracker.template_id();
@@ -336,6 +337,11 @@ where
             let step = self.flow.client_frame(kind, &buf[..len]);
             match step {
                 ClientStep::Forward => run_end += len,
+                ClientStep::Precede => {
+                    // Reprise's own request goes ahead of this frame.
+                    self.forward_client_run(run_end);
+                    run_end = len;
+                }
                 ClientStep::Drop => {
                     self.forward_client_run(run_end);
                     self.relay.from_client.advance(len);

@@ -144,6 +144,14 @@ impl ReplayLog {
         overflowed
     }
 
+    /// The number of the command the next client message joins.
+    pub fn next_command_seq(&self) -> u64 {
+        match self.in_flight.back() {
+            Some(command) if !command.ended => command.seq,
+            _ => self.next_seq,
+        }
+    }
+
     /// The command that is still open, made if needed.
     fn open_command(&mut self) -> usize {
         if self.in_flight.back().is_none_or(|command| command.ended) {

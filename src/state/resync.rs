@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use bytes::{Bytes, BytesMut};
 
 use crate::template::{fold_guc_name, PreparedOrigin, PreparedStatement};
+use crate::wire::backend as server_msg;
 use crate::wire::frame;
 
 /// One query: (kind, name, value, extra) rows, all text. `$1` is the
@@ -129,7 +130,7 @@ fn text_array<'a>(items: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
 impl ServerTruth {
     /// Adds one DataRow of the probe's answer; `None` if it is not one.
     pub fn add_row(&mut self, message: &[u8]) -> Option<()> {
-        let mut fields = data_row_fields(message)?.into_iter();
+        let mut fields = server_msg::data_row_fields(message)?.into_iter();
         let kind = fields.next()??;
         let name = fields.next()?;
         let value = fields.next()?;
@@ -191,26 +192,6 @@ fn parse_oids(text: &[u8]) -> Option<Vec<u32>> {
         .split(',')
         .map(|oid| oid.parse().ok())
         .collect()
-}
-
-/// The fields of a DataRow frame; `None` inside for SQL NULL.
-fn data_row_fields(message: &[u8]) -> Option<Vec<Option<&[u8]>>> {
-    let mut rest = message.get(frame::HEADER_LEN..)?;
-    let count = u16::from_be_bytes([*rest.first()?, *rest.get(1)?]);
-    rest = &rest[2..];
-    let mut fields = Vec::with_capacity(usize::from(count));
-    for _ in 0..count {
-        let len = i32::from_be_bytes(rest.get(..4)?.try_into().ok()?);
-        rest = &rest[4..];
-        if len < 0 {
-            fields.push(None);
-        } else {
-            let len = usize::try_from(len).ok()?;
-            fields.push(Some(rest.get(..len)?));
-            rest = &rest[len..];
-        }
-    }
-    Some(fields)
 }
 
 #[cfg(test)]

@@ -119,6 +119,26 @@ pub fn error_summary(frame: &[u8]) -> ErrorSummary {
     summary
 }
 
+/// The fields of a DataRow frame; `None` inside for SQL NULL.
+pub fn data_row_fields(message: &[u8]) -> Option<Vec<Option<&[u8]>>> {
+    let mut rest = message.get(HEADER_LEN..)?;
+    let count = u16::from_be_bytes([*rest.first()?, *rest.get(1)?]);
+    rest = &rest[2..];
+    let mut fields = Vec::with_capacity(usize::from(count));
+    for _ in 0..count {
+        let len = i32::from_be_bytes(rest.get(..4)?.try_into().ok()?);
+        rest = &rest[4..];
+        if len < 0 {
+            fields.push(None);
+        } else {
+            let len = usize::try_from(len).ok()?;
+            fields.push(Some(rest.get(..len)?));
+            rest = &rest[len..];
+        }
+    }
+    Some(fields)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -442,3 +442,110 @@ async fn replay_terminated_off_passes_pg_terminate_backend_through() {
         .expect("the server's FATAL reaches the client");
     assert_eq!(error.sqlstate().as_deref(), Some("57P01"));
 }
+
+/// Waits until server process `pid` is running a statement and waits on
+/// `wait_event` (any wait when `None`).
+async fn wait_until_active(observer: &Client, pid: i32, wait_event: Option<&str>) {
+    let condition = match wait_event {
+        Some(event) => format!("and wait_event = '{event}'"),
+        None => String::new(),
+    };
+    eventually(Duration::from_secs(10), "the statement is running", || async {
+        scalar(
+            observer,
+            &format!(
+                "select count(*) from pg_stat_activity where pid = {pid} and state = 'active' {condition}"
+            ),
+        )
+        .await
+            == "1"
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_that_committed_before_its_answer_was_lost_is_not_run_again() {
+    let harness = Harness::start().await;
+    let (observer, _) = harness.connect_direct().await;
+    observer
+        .batch_execute("create table paid (id int primary key)")
+        .await
+        .expect("table");
+    // The COMMIT is durable on the server, then waits for a standby that
+    // does not exist: terminating it then loses the answer, not the commit.
+    observer
+        .batch_execute("alter system set synchronous_standby_names = 'nobody'")
+        .await
+        .expect("synchronous standby");
+    scalar(&observer, "select pg_reload_conf()").await;
+    let (client, _) = harness.connect().await;
+    let pid = server_pid(&client).await;
+    client
+        .batch_execute("set synchronous_commit = on; begin; insert into paid values (1)")
+        .await
+        .expect("transaction");
+    let committing = tokio::spawn(async move {
+        let result = client.batch_execute("commit").await;
+        (client, result)
+    });
+    wait_until_active(&observer, pid, Some("SyncRep")).await;
+    terminate(&observer, pid).await;
+    let (client, result) = committing.await.expect("join");
+    result.expect("the client learns that its transaction committed");
+    observer
+        .batch_execute("alter system reset synchronous_standby_names")
+        .await
+        .expect("reset");
+    scalar(&observer, "select pg_reload_conf()").await;
+    assert_eq!(scalar(&client, "select count(*) from paid").await, "1");
+    assert_eq!(
+        scalar(&client, "show transaction_isolation").await,
+        "read committed",
+        "the session is outside any transaction"
+    );
+    let stats = reprise_stats(&client).await;
+    assert_eq!(stats["failovers_recovered"], 1, "{stats:?}");
+    assert_eq!(
+        stats["commands_replayed"], 0,
+        "nothing ran twice: {stats:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_that_did_not_commit_before_the_loss_is_run_again() {
+    let harness = Harness::start().await;
+    let (observer, _) = harness.connect_direct().await;
+    // A deferred trigger makes the COMMIT itself take a while, before the
+    // transaction commits.
+    observer
+        .batch_execute(
+            "create table booked (id int primary key); \
+             create function slow_commit() returns trigger language plpgsql as \
+               $$ begin perform pg_sleep(1); return null; end $$; \
+             create constraint trigger at_commit after insert on booked \
+               deferrable initially deferred for each row execute function slow_commit()",
+        )
+        .await
+        .expect("schema");
+    let (client, _) = harness.connect().await;
+    let pid = server_pid(&client).await;
+    client
+        .batch_execute("begin; insert into booked values (7)")
+        .await
+        .expect("transaction");
+    let committing = tokio::spawn(async move {
+        let result = client.batch_execute("commit").await;
+        (client, result)
+    });
+    wait_until_active(&observer, pid, None).await;
+    terminate(&observer, pid).await;
+    let (client, result) = committing.await.expect("join");
+    result.expect("the transaction is run again and commits");
+    assert_eq!(
+        text_rows(&observer, "select id from booked").await,
+        vec![vec!["7".to_owned()]]
+    );
+    let stats = reprise_stats(&client).await;
+    assert_eq!(stats["failovers_recovered"], 1, "{stats:?}");
+    assert!(stats["commands_replayed"] >= 1, "{stats:?}");
+}
