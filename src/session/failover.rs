@@ -49,6 +49,14 @@ pub(super) fn is_connection_loss(code: &str, replay_terminated: bool) -> bool {
     }
 }
 
+/// How the server connection was lost.
+pub(super) struct Loss {
+    pub reason: String,
+    /// The server said so with a FATAL error: it sent nothing after it,
+    /// so a request whose answer had not begun never ran.
+    pub said_fatal: bool,
+}
+
 /// Why a session could not be carried over.
 enum Failure {
     /// 08006 with the cause in DETAIL.
@@ -110,12 +118,13 @@ where
 {
     /// Replaces the lost server connection. `Ok` when the session goes on
     /// on a new one; otherwise the error for the client.
-    pub(super) async fn fail_over(&mut self, lost: &str) -> Result<(), BytesMut> {
+    pub(super) async fn fail_over(&mut self, loss: Loss) -> Result<(), BytesMut> {
+        let lost = loss.reason.as_str();
         let stats = Arc::clone(&self.shared.stats);
         stats.failovers.inc();
         let started = Instant::now();
         tracing::info!(backend = %self.backend.name, reason = lost, "server connection lost; carrying the session over");
-        match self.carry_over(started).await {
+        match self.carry_over(started, loss.said_fatal).await {
             Ok(attached) => {
                 let pause = started.elapsed();
                 let replayed = attached.replayed;
@@ -147,8 +156,12 @@ where
 
     /// Checks that the session can be replayed, then attaches new server
     /// connections until one takes or the budget is spent.
-    async fn carry_over(&mut self, started: Instant) -> Result<Attached, Failure> {
-        let mut unsettled = self.check_replayable()?;
+    async fn carry_over(
+        &mut self,
+        started: Instant,
+        said_fatal: bool,
+    ) -> Result<Attached, Failure> {
+        let mut unsettled = self.check_replayable(said_fatal)?;
         let config = self.shared.config();
         let budget = config.failover_budget.0;
         let deadline = started + budget;
@@ -297,8 +310,9 @@ where
 
     /// Whether the work since the last safe point can be redone exactly.
     /// A COMMIT in flight whose transaction id is known is returned: its
-    /// outcome is asked of the new server connection.
-    fn check_replayable(&mut self) -> Result<Option<CommitMark>, Failure> {
+    /// outcome is asked of the new server connection. `said_fatal`: the
+    /// server ended the connection with a FATAL error.
+    fn check_replayable(&mut self, said_fatal: bool) -> Result<Option<CommitMark>, Failure> {
         let non_recoverable = self.flow.tracker.replay_state().non_recoverable;
         if !non_recoverable.is_empty() {
             let held: Vec<&str> = non_recoverable.iter().map(|kind| kind.describe()).collect();
@@ -342,20 +356,31 @@ where
             .next()
             .and_then(|command| self.flow.commit_mark(command.seq))
             .cloned();
+        // The question ahead of a COMMIT was not answered before the
+        // server's last word: the COMMIT never ran.
+        let not_run = said_fatal
+            .then(|| self.flow.unanswered_xid_question())
+            .flatten();
+        let settled_seq = not_run.or(mark.as_ref().map(|mark| mark.seq));
         let commands = || {
             replay
                 .done()
                 .iter()
                 .map(|command| (&command.risk, false))
-                .chain(replay.in_flight().map(|command| {
-                    let settled = mark.as_ref().is_some_and(|mark| mark.seq == command.seq);
-                    (&command.risk, settled)
-                }))
+                .chain(
+                    replay
+                        .in_flight()
+                        .map(|command| (&command.risk, settled_seq == Some(command.seq))),
+                )
         };
         let question = if risk::rerunnable(false, commands().map(|(risk, _)| risk)) {
             None
-        } else if mark.is_some() && risk::rerunnable_settled(false, commands()) {
-            mark
+        } else if settled_seq.is_some() && risk::rerunnable_settled(false, commands()) {
+            if not_run.is_some() {
+                None
+            } else {
+                mark
+            }
         } else {
             return Err(Failure::OutcomeUnknown(
                 "a command that may have committed was in flight".to_owned(),

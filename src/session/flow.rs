@@ -320,6 +320,15 @@ impl Flow {
         self.commit_mark.as_ref().filter(|mark| mark.seq == seq)
     }
 
+    /// The replay-log command whose COMMIT waits behind a question for
+    /// its transaction id that the server has not answered yet.
+    pub fn unanswered_xid_question(&self) -> Option<u64> {
+        self.queue.iter().find_map(|pending| match pending {
+            Pending::Xid(question) => Some(question.seq),
+            _ => None,
+        })
+    }
+
     /// The session moved to another server connection: what was learnt
     /// about the old one no longer holds.
     pub fn server_changed(&mut self) {

@@ -272,7 +272,7 @@ where
             };
             ending = self.on_event(event).err();
             if let Some(lost) = ending.as_ref().and_then(|ending| self.lost_server(ending)) {
-                ending = match self.fail_over(&lost).await {
+                ending = match self.fail_over(lost).await {
                     // Answers that came with the attach go on to the client.
                     Ok(()) if self.relay.from_server.is_empty() => None,
                     Ok(()) => self.on_server_data().err(),
@@ -285,16 +285,25 @@ where
 
     /// Whether `ending` is a lost server connection the session should be
     /// carried over from, and how it was lost.
-    fn lost_server(&self, ending: &Ending) -> Option<String> {
+    fn lost_server(&self, ending: &Ending) -> Option<failover::Loss> {
         let config = self.shared.config();
         if !config.failover || !config.session_tracking || self.relay.client_done {
             return None;
         }
         match ending {
             Ending::ServerGone(_) if self.server_said_fatal => None,
-            Ending::ServerGone(None) => Some("the server closed the connection".to_owned()),
-            Ending::ServerGone(Some(err)) => Some(err.to_string()),
-            Ending::ServerLost(reason) => Some(reason.clone()),
+            Ending::ServerGone(None) => Some(failover::Loss {
+                reason: "the server closed the connection".to_owned(),
+                said_fatal: false,
+            }),
+            Ending::ServerGone(Some(err)) => Some(failover::Loss {
+                reason: err.to_string(),
+                said_fatal: false,
+            }),
+            Ending::ServerLost(reason) => Some(failover::Loss {
+                reason: reason.clone(),
+                said_fatal: true,
+            }),
             _ => None,
         }
     }

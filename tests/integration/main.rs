@@ -5,6 +5,7 @@
 mod bad_input;
 mod clients;
 mod failover;
+mod failover_load;
 mod hooks;
 mod journal;
 mod lifecycle;
