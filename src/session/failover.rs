@@ -129,6 +129,7 @@ where
                 let pause = started.elapsed();
                 let replayed = attached.replayed;
                 self.adopt(attached);
+                self.warn_of_missed_notifications(pause);
                 stats.failovers_recovered.inc();
                 stats.commands_replayed.add(replayed as u64);
                 self.outcome(
@@ -412,6 +413,32 @@ where
             process_id: attached.process_id,
             secret_key: attached.secret_key,
         });
+    }
+
+    /// A listening session may have missed notifications while it had no
+    /// server connection: PostgreSQL keeps none for a listener that is
+    /// gone. The client is told, not left to assume it saw everything.
+    fn warn_of_missed_notifications(&mut self, pause: Duration) {
+        let listening = &self.flow.tracker.template().listening;
+        if listening.is_empty() {
+            return;
+        }
+        let channels: Vec<String> = listening
+            .iter()
+            .map(|channel| format!("\"{}\"", String::from_utf8_lossy(channel)))
+            .collect();
+        let mut notice = BytesMut::new();
+        reply::warning(
+            &mut notice,
+            sqlstate::WARNING,
+            "notifications may have been missed while Reprise replaced the server connection",
+            &format!(
+                "The session listens on {}; notifications sent during the {:.0} ms without a server connection were not delivered.",
+                channels.join(", "),
+                pause.as_secs_f64() * 1000.0
+            ),
+        );
+        self.relay.to_client.push(notice.freeze());
     }
 
     fn outcome(&mut self, kind: OutcomeKind, detail: String) {

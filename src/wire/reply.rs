@@ -9,7 +9,7 @@ use pgwire::messages::data::{
 };
 use pgwire::messages::extendedquery::{BindComplete, CloseComplete, ParseComplete};
 use pgwire::messages::response::{
-    CommandComplete, ErrorResponse, ReadyForQuery, TransactionStatus,
+    CommandComplete, ErrorResponse, NoticeResponse, ReadyForQuery, TransactionStatus,
 };
 use pgwire::messages::startup::{
     Authentication, BackendKeyData, NegotiateProtocolVersion, SecretKey,
@@ -33,6 +33,7 @@ pub mod sqlstate {
     pub const PROGRAM_LIMIT_EXCEEDED: &str = "54000";
     pub const ADMIN_SHUTDOWN: &str = "57P01";
     pub const CANNOT_CONNECT_NOW: &str = "57P03";
+    pub const WARNING: &str = "01000";
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,6 +78,18 @@ pub fn error(
         fields.push((b'D', detail.to_owned()));
     }
     encode(&ErrorResponse::new(fields), out);
+}
+
+/// A NoticeResponse with severity WARNING.
+pub fn warning(out: &mut BytesMut, code: &str, message: &str, detail: &str) {
+    let fields = vec![
+        (b'S', "WARNING".to_owned()),
+        (b'V', "WARNING".to_owned()),
+        (b'C', code.to_owned()),
+        (b'M', message.to_owned()),
+        (b'D', detail.to_owned()),
+    ];
+    encode(&NoticeResponse::new(fields), out);
 }
 
 pub fn fatal(code: &str, message: &str) -> BytesMut {

@@ -355,6 +355,16 @@ async fn listen_survives_and_notifications_carry_the_pid_the_client_knows() {
     // sender's process id, which must be the one the client knows.
     raw.send(&query("notify carried, 'self'")).await;
     let answer = raw.until_ready().await;
+    let warning = answer
+        .iter()
+        .find(|m| m.tag == b'N')
+        .expect("a notice that notifications may have been missed");
+    assert_eq!(warning.sqlstate().as_deref(), Some("01000"));
+    assert!(
+        warning.field(b'D').is_some_and(|detail| detail.contains("\"carried\"")),
+        "{:?}",
+        warning.field(b'D')
+    );
     let own = answer
         .iter()
         .find(|m| m.tag == b'A')
