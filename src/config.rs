@@ -154,6 +154,9 @@ pub struct Keepalive {
     pub idle: HumanDuration,
     pub interval: HumanDuration,
     pub count: u32,
+    /// TCP_USER_TIMEOUT: how long sent data may stay unacknowledged before
+    /// the connection counts as lost; zero leaves the system's default.
+    pub user_timeout: HumanDuration,
 }
 
 impl Default for Keepalive {
@@ -163,6 +166,7 @@ impl Default for Keepalive {
             idle: HumanDuration(Duration::from_secs(60)),
             interval: HumanDuration(Duration::from_secs(10)),
             count: 6,
+            user_timeout: HumanDuration(Duration::ZERO),
         }
     }
 }
@@ -324,6 +328,14 @@ pub struct Config {
     /// pg_terminate_backend (or a fast shutdown: both say 57P01); off
     /// passes that FATAL error to the client.
     pub replay_terminated: bool,
+    /// How often every backend is asked whether it is writable and on
+    /// which timeline, so that a failover chooses at once; zero turns the
+    /// background checks off (sessions then ask during a failover).
+    pub health_check_period: HumanDuration,
+    /// The user the background checks log in as (its password from the
+    /// users file); unset, there are no background checks.
+    pub health_check_user: Option<String>,
+    pub health_check_database: String,
     pub journal: JournalConfig,
     #[serde(rename = "backend")]
     pub backends: Vec<Backend>,
@@ -352,6 +364,9 @@ impl Default for Config {
             failover: true,
             failover_budget: HumanDuration(Duration::from_secs(30)),
             replay_terminated: true,
+            health_check_period: HumanDuration(Duration::from_secs(1)),
+            health_check_user: None,
+            health_check_database: "postgres".to_owned(),
             journal: JournalConfig::default(),
             backends: Vec::new(),
         }
@@ -511,6 +526,16 @@ impl Config {
                     "must be at least 1",
                 ));
             }
+        }
+        if self
+            .health_check_user
+            .as_ref()
+            .is_some_and(|user| user.is_empty())
+        {
+            return Err(ConfigError::invalid(
+                "health_check_user",
+                "must not be empty; leave the key out for no background checks",
+            ));
         }
         if self.data_dir.as_os_str().is_empty() {
             return Err(ConfigError::invalid("data_dir", "must not be empty"));

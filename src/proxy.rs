@@ -8,6 +8,7 @@ use std::sync::{Arc, RwLock};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::backend::health::{self, Health};
 use crate::config::Config;
 use crate::datadir::{DataDirError, DataDirLock};
 use crate::frontend::listener::Listener;
@@ -60,6 +61,8 @@ pub struct Shared {
     pub(crate) sessions: Arc<Sessions>,
     /// The journal writer's queue; none when the journal is off.
     pub(crate) journal: Option<JournalHandle>,
+    /// What is known about each backend's role.
+    pub(crate) health: Arc<Health>,
     session_ids: AtomicU64,
 }
 
@@ -156,6 +159,7 @@ impl Proxy {
             draining: CancellationToken::new(),
             sessions: Arc::new(Sessions::default()),
             journal: journal.as_ref().map(Journal::handle),
+            health: Arc::new(Health::default()),
             session_ids: AtomicU64::new(next_session.saturating_sub(1)),
         });
         let sessions = TaskTracker::new();
@@ -187,6 +191,16 @@ impl Proxy {
     pub async fn run(self) {
         let sessions = self.sessions;
         let workers = Arc::new(self.workers);
+        let checks = {
+            let shared = Arc::clone(&self.shared);
+            let users = Arc::clone(&self.shared);
+            tokio::spawn(health::check_in_background(
+                Arc::clone(&self.shared.health),
+                move || shared.config(),
+                move || users.users(),
+                self.shared.draining.clone(),
+            ))
+        };
         let mut accepting = Vec::new();
         for listener in self.listeners {
             tracing::info!(listener = %listener.describe(), "accepting connections");
@@ -198,6 +212,7 @@ impl Proxy {
         for task in accepting {
             let _ = task.await;
         }
+        let _ = checks.await;
         let mut workers = Arc::try_unwrap(workers).ok();
         if let Some(workers) = &mut workers {
             workers.close();

@@ -2,6 +2,7 @@
 //! sending cancel requests, and Reprise's own queries on them.
 
 pub mod connect;
+pub mod health;
 pub mod query;
 pub mod socket;
 

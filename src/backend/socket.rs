@@ -5,11 +5,17 @@ use tokio::net::TcpStream;
 use crate::config::Keepalive;
 
 /// Turns off Nagle (the protocol is request/response; every write is a
-/// whole batch) and sets keepalive probes so that a peer that vanished
-/// without closing is noticed.
+/// whole batch) and sets keepalive probes and the user timeout so that a
+/// peer that vanished without closing is noticed.
 pub fn tune(stream: &TcpStream, keepalive: &Keepalive) {
     if let Err(err) = stream.set_nodelay(true) {
         tracing::debug!(%err, "could not set TCP_NODELAY");
+    }
+    let user_timeout = keepalive.user_timeout.0;
+    if !user_timeout.is_zero() {
+        if let Err(err) = socket2::SockRef::from(stream).set_tcp_user_timeout(Some(user_timeout)) {
+            tracing::debug!(%err, "could not set TCP_USER_TIMEOUT");
+        }
     }
     if !keepalive.enabled {
         return;

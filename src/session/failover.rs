@@ -23,7 +23,9 @@ use super::flow::ServerStep;
 use super::relay::Outbox;
 use super::replay_log::{digest_answer, Omission};
 use super::Session;
-use crate::backend::{self, ConnectError};
+use crate::backend::health::{self, Refusal, Role};
+use crate::backend::{self, ConnectError, ServerConnection};
+use crate::config::{Backend, Config};
 use crate::journal::OutcomeKind;
 use crate::replay::attach::{self, AttachError, Attached, Cause, Replay};
 use crate::replay::outcome::{self, CommitMark, Verdict};
@@ -125,7 +127,8 @@ where
         let started = Instant::now();
         tracing::info!(backend = %self.backend.name, reason = lost, "server connection lost; carrying the session over");
         match self.carry_over(started, loss.said_fatal).await {
-            Ok(attached) => {
+            Ok((backend, attached)) => {
+                self.backend = backend;
                 let pause = started.elapsed();
                 let replayed = attached.replayed;
                 self.adopt(attached);
@@ -161,7 +164,7 @@ where
         &mut self,
         started: Instant,
         said_fatal: bool,
-    ) -> Result<Attached, Failure> {
+    ) -> Result<(Backend, Attached), Failure> {
         let mut unsettled = self.check_replayable(said_fatal)?;
         let config = self.shared.config();
         let budget = config.failover_budget.0;
@@ -202,19 +205,10 @@ where
         &mut self,
         unsettled: &mut Option<CommitMark>,
         old_process_id: i32,
-    ) -> Result<Attached, Attempt> {
+    ) -> Result<(Backend, Attached), Attempt> {
         let config = self.shared.config();
         let max_message_size = config.max_message_size();
-        let mut server = backend::connect(
-            &self.backend,
-            &self.startup,
-            self.shared.users().password(&self.user),
-            config.connect_timeout.0,
-            &config.tcp_keepalive,
-            max_message_size,
-        )
-        .await
-        .map_err(connect_problem)?;
+        let (chosen, mut server) = self.connect_writable(&config).await?;
         if let Some(mark) = unsettled.clone() {
             let verdict = outcome::settle(
                 &mut server.stream,
@@ -257,12 +251,112 @@ where
         };
         attach::attach(server, &self.shared, replay, max_message_size)
             .await
+            .map(|attached| (chosen, attached))
             .map_err(|err| match err {
                 AttachError::Refused { cause, reason } => {
                     Attempt::Fail(Failure::Refused { cause, reason })
                 }
                 AttachError::Connection(problem) => Attempt::Retry(problem),
             })
+    }
+
+    /// A connection to the server that takes writes now: tried in the
+    /// order [`Health::preferred`] gives, skipping standbys and old
+    /// primaries; two writable servers are a split brain.
+    ///
+    /// [`Health::preferred`]: crate::backend::health::Health::preferred
+    async fn connect_writable(
+        &self,
+        config: &Config,
+    ) -> Result<(Backend, ServerConnection), Attempt> {
+        let health = &self.shared.health;
+        let users = self.shared.users();
+        let password = users.password(&self.user);
+        let max_message_size = config.max_message_size();
+        let mut problems = Vec::new();
+        for candidate in health.preferred(&config.backends) {
+            let connected = backend::connect(
+                &candidate,
+                &self.startup,
+                password,
+                config.connect_timeout.0,
+                &config.tcp_keepalive,
+                max_message_size,
+            )
+            .await;
+            let mut server = match connected.map_err(connect_problem) {
+                Ok(server) => server,
+                Err(Attempt::Retry(problem)) => {
+                    health.record(&candidate.name, Err(problem.clone()));
+                    problems.push(format!("\"{}\": {problem}", candidate.name));
+                    continue;
+                }
+                Err(fail) => return Err(fail),
+            };
+            let role =
+                match health::ask_role(&mut server.stream, &mut server.pending, max_message_size)
+                    .await
+                {
+                    Ok(role) => role,
+                    Err(err) => {
+                        problems.push(format!("\"{}\": {err}", candidate.name));
+                        continue;
+                    }
+                };
+            health.record(&candidate.name, Ok(role.clone()));
+            if !role.writable {
+                problems.push(format!("\"{}\" is in recovery (a standby)", candidate.name));
+                continue;
+            }
+            let others = self.other_roles(&candidate, config).await;
+            match health.refusal(&candidate.name, &role, &others) {
+                None => return Ok((candidate, server)),
+                Some(refusal @ Refusal::SplitBrain { .. }) => {
+                    return Err(Attempt::Fail(Failure::refused(
+                        Cause::SplitBrain,
+                        format!(
+                            "server \"{}\" is writable and {refusal}; Reprise will not choose",
+                            candidate.name
+                        ),
+                    )))
+                }
+                Some(refusal) => {
+                    problems.push(format!("\"{}\": {refusal}", candidate.name));
+                }
+            }
+        }
+        Err(Attempt::Retry(if problems.is_empty() {
+            "no backend is configured".to_owned()
+        } else {
+            problems.join("; ")
+        }))
+    }
+
+    /// The roles of the backends other than `chosen`: as last observed
+    /// when that is recent, else asked now with the session's login.
+    async fn other_roles(&self, chosen: &Backend, config: &Config) -> Vec<(String, Option<Role>)> {
+        let health = &self.shared.health;
+        let fresh = (config.health_check_period.0 * 3).max(Duration::from_secs(2));
+        let users = self.shared.users();
+        let lookups = config
+            .backends
+            .iter()
+            .filter(|other| other.name != chosen.name)
+            .map(|other| {
+                let users = &users;
+                async move {
+                    let role = match health.fresh_role(&other.name, fresh) {
+                        Some(role) => role,
+                        None => {
+                            let asked = health::probe(other, &self.startup, users, config).await;
+                            health.record(&other.name, asked.clone());
+                            asked.ok()
+                        }
+                    };
+                    (other.name.clone(), role)
+                }
+            });
+        futures_util::future::join_all(lookups).await
     }
 
     /// The COMMIT in flight committed: the client gets the answer the old

@@ -72,7 +72,7 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
 {
     let config = shared.config();
-    let Some(backend) = config.backends.first().cloned() else {
+    let Some(backend) = shared.health.preferred(&config.backends).into_iter().next() else {
         goodbye(
             &mut client,
             reply::fatal(sqlstate::CLIENT_CANNOT_CONNECT, "no backend is configured"),

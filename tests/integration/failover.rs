@@ -229,7 +229,7 @@ async fn transaction_survives_an_immediate_server_restart() {
 
 /// Sends `sql`, then reads to the end of the stream and returns the
 /// FATAL error the session ended with.
-async fn ending_error(raw: &mut RawClient, sql: &str) -> crate::support::Message {
+pub async fn ending_error(raw: &mut RawClient, sql: &str) -> crate::support::Message {
     raw.send_lenient(&query(sql)).await;
     let messages = raw.until_closed().await;
     let errors: Vec<_> = messages.into_iter().filter(|m| m.tag == b'E').collect();
@@ -361,7 +361,9 @@ async fn listen_survives_and_notifications_carry_the_pid_the_client_knows() {
         .expect("a notice that notifications may have been missed");
     assert_eq!(warning.sqlstate().as_deref(), Some("01000"));
     assert!(
-        warning.field(b'D').is_some_and(|detail| detail.contains("\"carried\"")),
+        warning
+            .field(b'D')
+            .is_some_and(|detail| detail.contains("\"carried\"")),
         "{:?}",
         warning.field(b'D')
     );

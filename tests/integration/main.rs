@@ -10,6 +10,7 @@ mod hooks;
 mod journal;
 mod lifecycle;
 mod probe;
+mod promotion;
 mod recording;
 mod relay;
 mod restore_plan;

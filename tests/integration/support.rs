@@ -34,6 +34,32 @@ impl Harness {
     pub async fn start_with(options: Options, tweak: impl FnOnce(&mut Config)) -> Harness {
         init_logging();
         let cluster = start_cluster(options).await;
+        Harness::start_on(cluster, tweak).await
+    }
+
+    /// A primary with `options`, a streaming standby of it, and a proxy
+    /// with both as backends ("primary" first, then "standby").
+    pub async fn start_with_standby(
+        options: Options,
+        tweak: impl FnOnce(&mut Config),
+    ) -> (Harness, Cluster) {
+        init_logging();
+        let cluster = start_cluster(options).await;
+        let standby = tokio::task::block_in_place(|| cluster.standby()).expect("standby starts");
+        let standby_backend = Backend {
+            name: "standby".to_owned(),
+            host: standby.host().to_owned(),
+            port: standby.port(),
+        };
+        let harness = Harness::start_on(cluster, |config| {
+            config.backends.push(standby_backend);
+            tweak(config);
+        })
+        .await;
+        (harness, standby)
+    }
+
+    async fn start_on(cluster: Cluster, tweak: impl FnOnce(&mut Config)) -> Harness {
         let data_dir = tempfile::Builder::new()
             .prefix("reprise-test-")
             .tempdir()

@@ -1,0 +1,292 @@
+//! Which configured server is the writable one, and on which timeline.
+//!
+//! A session that lost its server connection must attach to the server
+//! that now takes writes: not a standby (it waits for a promotion, within
+//! its budget), not an old primary that came back after a standby was
+//! promoted (its timeline is older than one Reprise has seen for the same
+//! system), and not either of two servers that both claim to be writable
+//! (split brain: Reprise refuses to choose). What is learnt about each
+//! server, by the background checks or by a session's own connection
+//! attempts, is kept here so that the choice is quick.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use super::query::{simple_query, QueryError};
+use crate::config::{Backend, Config};
+use crate::users::Users;
+use crate::wire::frame;
+use crate::wire::startup::StartupMessage;
+
+/// Whether the server is in recovery, its system identifier and, when it
+/// takes writes, the timeline it writes on (hex, as in WAL file names).
+const ROLE_QUERY: &str = "SELECT pg_catalog.pg_is_in_recovery()::pg_catalog.text, \
+     s.system_identifier::pg_catalog.text, \
+     CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL \
+          ELSE pg_catalog.substr(pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_lsn()), 1, 8) END \
+     FROM pg_catalog.pg_control_system() s";
+
+/// What a server said it is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Role {
+    pub writable: bool,
+    pub system: String,
+    /// The timeline it writes on; none on a standby.
+    pub timeline: Option<u32>,
+}
+
+/// Asks a logged-in server connection what it is.
+pub async fn ask_role(
+    stream: &mut TcpStream,
+    inbox: &mut BytesMut,
+    max_message_size: usize,
+) -> Result<Role, QueryError> {
+    let rows = simple_query(stream, inbox, ROLE_QUERY, max_message_size).await?;
+    let not_understood =
+        || QueryError::Lost("the server's answer about its role was not understood".to_owned());
+    match rows.first().map(Vec::as_slice) {
+        Some([Some(in_recovery), Some(system), timeline]) => Ok(Role {
+            writable: in_recovery == "false",
+            system: system.clone(),
+            timeline: match timeline {
+                Some(hex) => Some(u32::from_str_radix(hex, 16).map_err(|_| not_understood())?),
+                None => None,
+            },
+        }),
+        _ => Err(not_understood()),
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Observation {
+    role: Result<Role, String>,
+    at: Instant,
+}
+
+/// Why a writable server is not the one to attach to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// It writes on an older timeline than one seen for its system: an old
+    /// primary back after a promotion.
+    OldTimeline { timeline: u32, newest: u32 },
+    /// Another server claims to be writable too, and is not an old primary
+    /// of the same system: the same timeline, or another system.
+    SplitBrain { other: String },
+}
+
+/// What Reprise knows about every configured server.
+#[derive(Debug, Default)]
+pub struct Health {
+    observations: Mutex<HashMap<String, Observation>>,
+    /// The newest timeline seen written on, per system identifier.
+    newest_timeline: Mutex<HashMap<String, u32>>,
+}
+
+impl Health {
+    /// Notes what `backend` said (or why it could not be asked).
+    pub fn record(&self, backend: &str, role: Result<Role, String>) {
+        if let Ok(Role {
+            writable: true,
+            system,
+            timeline: Some(timeline),
+        }) = &role
+        {
+            let mut newest = self
+                .newest_timeline
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let seen = newest.entry(system.clone()).or_insert(*timeline);
+            *seen = (*seen).max(*timeline);
+        }
+        let mut observations = self.observations.lock().unwrap_or_else(|p| p.into_inner());
+        observations.insert(
+            backend.to_owned(),
+            Observation {
+                role,
+                at: Instant::now(),
+            },
+        );
+    }
+
+    /// `backends` in the order to try them: the last one seen writable
+    /// first, then those not seen in recovery, then the rest, each group
+    /// in configured order.
+    pub fn preferred(&self, backends: &[Backend]) -> Vec<Backend> {
+        let observations = self.observations.lock().unwrap_or_else(|p| p.into_inner());
+        let rank = |backend: &Backend| match observations.get(&backend.name).map(|o| &o.role) {
+            Some(Ok(role)) if role.writable => 0,
+            None => 1,
+            Some(Err(_)) => 2,
+            Some(Ok(_)) => 3,
+        };
+        let mut ordered = backends.to_vec();
+        ordered.sort_by_key(rank);
+        ordered
+    }
+
+    /// Whether `role`, just learnt from `backend`, may take sessions, given
+    /// what the `others` are now (`None`: could not be asked).
+    pub fn refusal(
+        &self,
+        backend: &str,
+        role: &Role,
+        others: &[(String, Option<Role>)],
+    ) -> Option<Refusal> {
+        if let Some(timeline) = role.timeline {
+            let newest = self
+                .newest_timeline
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if let Some(&newest) = newest.get(&role.system) {
+                if timeline < newest {
+                    return Some(Refusal::OldTimeline { timeline, newest });
+                }
+            }
+        }
+        others
+            .iter()
+            .find(|(name, other)| {
+                name != backend
+                    && other
+                        .as_ref()
+                        .is_some_and(|other| other.writable && !self.is_old_primary(other))
+            })
+            .map(|(name, _)| Refusal::SplitBrain {
+                other: name.clone(),
+            })
+    }
+
+    fn is_old_primary(&self, role: &Role) -> bool {
+        let newest = self
+            .newest_timeline
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match (role.timeline, newest.get(&role.system)) {
+            (Some(timeline), Some(&newest)) => timeline < newest,
+            _ => false,
+        }
+    }
+
+    /// What `backend` was observed to be within `fresh` (inside, `None`
+    /// when it could not be asked); `None` when there is no such
+    /// observation.
+    pub fn fresh_role(&self, backend: &str, fresh: Duration) -> Option<Option<Role>> {
+        let observations = self.observations.lock().unwrap_or_else(|p| p.into_inner());
+        observations
+            .get(backend)
+            .filter(|observation| observation.at.elapsed() <= fresh)
+            .map(|observation| observation.role.as_ref().ok().cloned())
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::OldTimeline { timeline, newest } => write!(
+                f,
+                "it writes on timeline {timeline}, older than timeline {newest} seen for the same system: an old primary after a promotion"
+            ),
+            Refusal::SplitBrain { other } => {
+                write!(f, "server \"{other}\" also claims to be writable")
+            }
+        }
+    }
+}
+
+/// Logs in to `backend` as `user` and asks its role.
+pub async fn probe(
+    backend: &Backend,
+    startup: &StartupMessage,
+    users: &Users,
+    config: &Config,
+) -> Result<Role, String> {
+    let user = startup.get_lossy("user").unwrap_or_default();
+    let max_message_size = config.max_message_size();
+    let mut server = super::connect(
+        backend,
+        startup,
+        users.password(&user),
+        config.connect_timeout.0,
+        &config.tcp_keepalive,
+        max_message_size,
+    )
+    .await
+    .map_err(|err| err.to_string())?;
+    let role = tokio::time::timeout(
+        config.connect_timeout.0,
+        ask_role(&mut server.stream, &mut server.pending, max_message_size),
+    )
+    .await
+    .map_err(|_| "the server did not say what it is in time".to_owned())?
+    .map_err(|err| err.to_string());
+    let mut terminate = BytesMut::new();
+    frame::write_frame(&mut terminate, Some(b'X'), |_| {});
+    let _ = server.stream.write_all(&terminate).await;
+    role
+}
+
+/// Checks every backend each `health_check_period`, as
+/// `health_check_user`, until `stop` is cancelled.
+pub async fn check_in_background(
+    health: Arc<Health>,
+    config: impl Fn() -> Arc<Config>,
+    users: impl Fn() -> Arc<Users>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        let current = config();
+        let period = current.health_check_period.0;
+        let Some(user) = current
+            .health_check_user
+            .clone()
+            .filter(|_| !period.is_zero())
+        else {
+            // Off for now; a reload may turn it on.
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+            }
+        };
+        let startup = StartupMessage {
+            minor_version: 0,
+            parameters: vec![
+                (Bytes::from_static(b"user"), Bytes::from(user.clone())),
+                (
+                    Bytes::from_static(b"database"),
+                    Bytes::from(current.health_check_database.clone()),
+                ),
+                (
+                    Bytes::from_static(b"application_name"),
+                    Bytes::from_static(b"reprise health check"),
+                ),
+            ],
+        };
+        let users = users();
+        let checks = current.backends.iter().map(|backend| {
+            let startup = &startup;
+            let users = &users;
+            let current = &current;
+            let health = &health;
+            async move {
+                let role = probe(backend, startup, users, current).await;
+                if let Err(problem) = &role {
+                    tracing::debug!(backend = %backend.name, %problem, "health check failed");
+                }
+                health.record(&backend.name, role);
+            }
+        });
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = futures_util::future::join_all(checks) => {}
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(period) => {}
+        }
+    }
+}
