@@ -290,3 +290,93 @@ pub async fn check_in_background(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn writable(system: &str, timeline: u32) -> Role {
+        Role {
+            writable: true,
+            system: system.to_owned(),
+            timeline: Some(timeline),
+        }
+    }
+
+    fn backend(name: &str) -> Backend {
+        Backend {
+            name: name.to_owned(),
+            host: "127.0.0.1".to_owned(),
+            port: 5432,
+        }
+    }
+
+    #[test]
+    fn an_old_primary_is_refused_once_a_newer_timeline_was_seen() {
+        let health = Health::default();
+        health.record("new", Ok(writable("7", 2)));
+        let old = writable("7", 1);
+        health.record("old", Ok(old.clone()));
+        assert_eq!(
+            health.refusal("old", &old, &[("new".to_owned(), Some(writable("7", 2)))]),
+            Some(Refusal::OldTimeline {
+                timeline: 1,
+                newest: 2
+            })
+        );
+        // The promoted one is not in a split brain with the old primary.
+        assert_eq!(
+            health.refusal("new", &writable("7", 2), &[("old".to_owned(), Some(old))]),
+            None
+        );
+    }
+
+    #[test]
+    fn two_writable_servers_on_one_timeline_or_two_systems_are_a_split_brain() {
+        let health = Health::default();
+        let split =
+            |other: Role| health.refusal("a", &writable("7", 2), &[("b".to_owned(), Some(other))]);
+        let expected = Some(Refusal::SplitBrain {
+            other: "b".to_owned(),
+        });
+        assert_eq!(split(writable("7", 2)), expected);
+        assert_eq!(split(writable("8", 1)), expected);
+        let standby = Role {
+            writable: false,
+            system: "7".to_owned(),
+            timeline: None,
+        };
+        assert_eq!(split(standby), None);
+        assert_eq!(
+            health.refusal("a", &writable("7", 2), &[("b".to_owned(), None)]),
+            None
+        );
+    }
+
+    #[test]
+    fn the_backend_last_seen_writable_is_tried_first() {
+        let health = Health::default();
+        let backends = [backend("a"), backend("b"), backend("c")];
+        health.record("a", Err("refused".to_owned()));
+        health.record(
+            "c",
+            Ok(Role {
+                writable: false,
+                system: "7".to_owned(),
+                timeline: None,
+            }),
+        );
+        let order = |health: &Health| {
+            health
+                .preferred(&backends)
+                .into_iter()
+                .map(|backend| backend.name)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(order(&health), ["b", "a", "c"]);
+        health.record("c", Ok(writable("7", 3)));
+        assert_eq!(order(&health), ["c", "b", "a"]);
+        assert!(health.fresh_role("c", Duration::from_secs(5)).is_some());
+        assert!(health.fresh_role("b", Duration::from_secs(5)).is_none());
+    }
+}

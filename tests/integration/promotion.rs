@@ -15,7 +15,10 @@ use crate::support::{
 /// Makes the primary wait for its standby at every commit, and waits until
 /// the standby is synchronous.
 pub async fn make_synchronous(primary: &Client) {
-    for setting in ["synchronous_standby_names = '*'", "synchronous_commit = 'on'"] {
+    for setting in [
+        "synchronous_standby_names = '*'",
+        "synchronous_commit = 'on'",
+    ] {
         primary
             .batch_execute(&format!("alter system set {setting}"))
             .await
