@@ -7,6 +7,11 @@
 
 #![deny(clippy::unwrap_used)]
 
+#[cfg(all(feature = "fault-injection", not(debug_assertions)))]
+compile_error!(
+    "the fault-injection feature is for tests: it cannot be built without debug assertions"
+);
+
 pub mod backend;
 pub mod config;
 pub mod datadir;

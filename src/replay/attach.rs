@@ -283,6 +283,13 @@ pub async fn attach(
                     .to_owned(),
             ));
         }
+        // A ParameterStatus right after the part the client has may have
+        // reached it too; it is taken here and reported below only if the
+        // client's value differs.
+        while link.peek_tag(&mut stream).await? == b'S' {
+            let (tag, message) = link.next(&mut stream).await?;
+            link.own_server_frame(tag, message)?;
+        }
     }
 
     // Parameters the client knows with another value now.
@@ -375,6 +382,19 @@ impl Link {
                 ));
             }
         }
+    }
+
+    /// The tag of the next frame, which stays in the inbox.
+    async fn peek_tag(&mut self, stream: &mut TcpStream) -> Result<u8, AttachError> {
+        while self.inbox.is_empty() {
+            self.inbox.reserve(16 * 1024);
+            if stream.read_buf(&mut self.inbox).await? == 0 {
+                return Err(AttachError::Connection(
+                    "the server closed the connection".to_owned(),
+                ));
+            }
+        }
+        Ok(self.inbox[0])
     }
 
     fn note_status(&mut self, name: &[u8], value: &[u8]) {

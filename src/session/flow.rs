@@ -383,6 +383,16 @@ impl Flow {
         Ok(())
     }
 
+    /// Whether the next server frames answer a request of Reprise's own
+    /// (a state probe, a transaction-id question, a template switch): the
+    /// client sees none of them.
+    pub fn answering_own_request(&self) -> bool {
+        matches!(
+            self.queue.front(),
+            Some(Pending::Probe(_) | Pending::Xid(_) | Pending::Switch(_) | Pending::Abort)
+        )
+    }
+
     /// Nothing in flight and nothing half-sent.
     pub fn at_boundary(&self) -> bool {
         self.queue.is_empty() && self.awaiting_ready == 0 && !self.unsynced

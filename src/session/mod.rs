@@ -10,6 +10,8 @@
 pub mod cancel;
 pub mod control;
 mod failover;
+#[cfg(feature = "fault-injection")]
+pub mod fault;
 pub mod flow;
 pub mod recorder;
 pub mod relay;
@@ -67,10 +69,14 @@ enum Ending {
 
 /// Runs a session whose startup packet has been read. Returns when the
 /// session is over; both sockets are closed by then.
-pub async fn run<C>(mut client: C, startup: StartupMessage, shared: Arc<Shared>, id: u64)
+pub async fn run<C>(mut client: C, mut startup: StartupMessage, shared: Arc<Shared>, id: u64)
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
+    #[cfg(feature = "fault-injection")]
+    let fault = fault::Fault::take(&mut startup);
+    #[cfg(not(feature = "fault-injection"))]
+    let _ = &mut startup;
     let config = shared.config();
     let Some(backend) = shared.health.preferred(&config.backends).into_iter().next() else {
         goodbye(
@@ -122,9 +128,13 @@ where
             secret_key: server.secret_key,
         },
     );
-    Session::new(client, startup, backend, server, registration, shared, id)
-        .run()
-        .await;
+    #[allow(unused_mut)]
+    let mut session = Session::new(client, startup, backend, server, registration, shared, id);
+    #[cfg(feature = "fault-injection")]
+    {
+        session.fault = fault;
+    }
+    session.run().await;
 }
 
 /// Writes a last message and closes; errors only mean the client is gone.
@@ -157,6 +167,9 @@ struct Session<C> {
     /// or tracking is off.
     recorder: Option<Recorder>,
     cancel: CancelHandle,
+    /// A cut of the server connection that a test asked for.
+    #[cfg(feature = "fault-injection")]
+    fault: Option<fault::Fault>,
 }
 
 impl<C> Session<C>
@@ -233,6 +246,8 @@ where
             draining: false,
             recorder,
             cancel,
+            #[cfg(feature = "fault-injection")]
+            fault: None,
         }
     }
 
@@ -414,6 +429,18 @@ where
                     break;
                 }
             };
+            #[cfg(feature = "fault-injection")]
+            if self.fault.as_ref().is_some_and(fault::Fault::due)
+                && !self.flow.answering_own_request()
+            {
+                self.fault = None;
+                self.forward_server_run(run_end);
+                self.relay.from_server.clear();
+                self.flush_events();
+                return Err(Ending::ServerGone(Some(fault::Fault::cut(
+                    &self.relay.server,
+                ))));
+            }
             if !server_msg::is_known_tag(tag) {
                 violation = Some(format!(
                     "server sent an unknown message type {:?}",
@@ -450,7 +477,13 @@ where
             }
             let message = &self.relay.from_server[run_end..run_end + len];
             match self.flow.server_frame(tag, message) {
-                ServerStep::Forward => run_end += len,
+                ServerStep::Forward => {
+                    run_end += len;
+                    #[cfg(feature = "fault-injection")]
+                    if let Some(fault) = &mut self.fault {
+                        fault.forwarded();
+                    }
+                }
                 ServerStep::Consume => {
                     self.forward_server_run(run_end);
                     self.relay.from_server.advance(len);
