@@ -108,6 +108,8 @@ pub struct Replay<'a> {
     /// Messages of the oldest in-flight command's answer the client has
     /// received, and their digest.
     pub answered: (u32, [u8; 32]),
+    /// Notices the client received for that command.
+    pub notices_seen: u32,
     /// Parameter values the client knows, by folded name.
     pub known_parameters: &'a HashMap<Bytes, Bytes>,
     /// The process id the client knows the session by.
@@ -255,13 +257,17 @@ pub async fn attach(
 
     // What the client already has of the oldest in-flight answer.
     let (answered, expected) = replay.answered;
-    if answered > 0 {
+    let mut notices_left = replay.notices_seen;
+    if answered > 0 || notices_left > 0 {
         let mut digest = blake3::Hasher::new();
         let mut seen = 0;
         while seen < answered {
             let (tag, message) = link.next(&mut stream).await?;
             match tag {
                 b'A' | b'N' | b'S' => {
+                    if tag == b'N' {
+                        notices_left = notices_left.saturating_sub(1);
+                    }
                     link.own_server_frame(tag, message)?;
                 }
                 b'Z' => {
@@ -285,8 +291,13 @@ pub async fn attach(
         }
         // A ParameterStatus right after the part the client has may have
         // reached it too; it is taken here and reported below only if the
-        // client's value differs.
-        while link.peek_tag(&mut stream).await? == b'S' {
+        // client's value differs. Notices the client has are not repeated.
+        loop {
+            match link.peek_tag(&mut stream).await? {
+                b'S' => {}
+                b'N' if notices_left > 0 => notices_left -= 1,
+                _ => break,
+            }
             let (tag, message) = link.next(&mut stream).await?;
             link.own_server_frame(tag, message)?;
         }

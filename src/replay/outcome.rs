@@ -33,6 +33,21 @@ pub const XID_AND_IDENTITY_QUERY: &str = "SELECT pg_catalog.txid_current_if_assi
      pg_catalog.pg_postmaster_start_time()::pg_catalog.text \
      FROM pg_catalog.pg_control_system() s";
 
+/// The same, making the server assign an id if the transaction has none
+/// yet: a transaction that sent NOTIFY gets one only at COMMIT. A
+/// read-only transaction cannot be given one and is asked as above.
+pub const XID_ASSIGNED_QUERY: &str = "SELECT CASE WHEN pg_catalog.current_setting('transaction_read_only')::pg_catalog.bool \
+     THEN pg_catalog.txid_current_if_assigned() ELSE pg_catalog.txid_current() END::pg_catalog.text";
+
+/// [`XID_ASSIGNED_QUERY`] with the identity of the server.
+pub const XID_ASSIGNED_AND_IDENTITY_QUERY: &str = "SELECT CASE WHEN pg_catalog.current_setting('transaction_read_only')::pg_catalog.bool \
+     THEN pg_catalog.txid_current_if_assigned() ELSE pg_catalog.txid_current() END::pg_catalog.text, \
+     s.system_identifier::pg_catalog.text, \
+     CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL \
+          ELSE pg_catalog.substr(pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_lsn()), 1, 8) END, \
+     pg_catalog.pg_postmaster_start_time()::pg_catalog.text \
+     FROM pg_catalog.pg_control_system() s";
+
 /// Which server, and which life of it, a connection talks to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServerIdentity {

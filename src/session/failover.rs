@@ -246,6 +246,7 @@ where
             done: self.flow.replay.done(),
             in_flight: in_flight.freeze(),
             answered: self.flow.replay.answer_so_far(),
+            notices_seen: self.flow.replay.notices_so_far(),
             known_parameters: self.flow.tracker.reported(),
             client_process_id: self.cancel.key().process_id,
         };

@@ -18,6 +18,7 @@ use crate::replay::outcome::{self, CommitMark, ServerIdentity};
 use crate::replay::risk::StatementRisk;
 use crate::session::replay_log::{Completed, ReplayLog};
 use crate::state::effect::{isolation_name, Discard};
+use crate::state::lexer::LexOptions;
 use crate::state::resync::{self, ServerTruth};
 use crate::state::tracker::LOCAL_DEFAULT;
 use crate::state::{Effect, RepriseCommand, Tracker};
@@ -263,6 +264,10 @@ pub struct Flow {
     safe_template: Option<(TemplateId, Arc<Template>)>,
     /// Ask for the transaction id ahead of each COMMIT.
     learn_commit_xids: bool,
+    /// A statement that may write was sent since the session was last
+    /// idle: its transaction may get its id only at COMMIT (NOTIFY does),
+    /// so the question ahead of the COMMIT makes the server assign one.
+    may_have_written: bool,
     /// The server of the current connection, once a COMMIT asked.
     server_identity: Option<ServerIdentity>,
     /// What the last question ahead of a COMMIT learnt.
@@ -303,6 +308,7 @@ impl Flow {
             restore_error: None,
             safe_template: None,
             learn_commit_xids: false,
+            may_have_written: false,
             server_identity: None,
             commit_mark: None,
         }
@@ -425,6 +431,9 @@ impl Flow {
         self.risks.clear();
         let step = self.tracked_client_frame(kind, message);
         if matches!(step, ClientStep::Forward | ClientStep::Precede) {
+            if self.risks.contains(&StatementRisk::Write) {
+                self.may_have_written = true;
+            }
             if std::mem::take(&mut self.credential) {
                 self.replay.mark_credential();
             }
@@ -543,13 +552,26 @@ impl Flow {
     fn note_query_risks(&mut self, sql: &[u8], effects: &[Effect]) {
         let options = *self.tracker.lex_options();
         if let [effect] = effects {
-            self.risks.push(StatementRisk::of(effect, sql, &options));
+            let risk = self.statement_risk(effect, sql, &options);
+            self.risks.push(risk);
             return;
         }
         let ranges = crate::state::lexer::Statements::new(sql, &options);
         for (range, effect) in ranges.zip(effects) {
-            self.risks
-                .push(StatementRisk::of(effect, &sql[range], &options));
+            let risk = self.statement_risk(effect, &sql[range], &options);
+            self.risks.push(risk);
+        }
+    }
+
+    /// The risk of one statement; EXECUTE of a SQL-prepared statement has
+    /// the risk of the statement it runs.
+    fn statement_risk(&self, effect: &Effect, sql: &[u8], options: &LexOptions) -> StatementRisk {
+        match effect {
+            Effect::Execute(name) => match self.tracker.prepared_body(name) {
+                Some((body, text)) => StatementRisk::of(body, text, options),
+                None => StatementRisk::Write,
+            },
+            effect => StatementRisk::of(effect, sql, options),
         }
     }
 
@@ -803,10 +825,12 @@ impl Flow {
     /// Queues the question for the transaction id ahead of the COMMIT the
     /// client is sending.
     fn ask_xid(&mut self) {
-        let sql = if self.server_identity.is_some() {
-            outcome::XID_QUERY
-        } else {
-            outcome::XID_AND_IDENTITY_QUERY
+        let assign = std::mem::take(&mut self.may_have_written);
+        let sql = match (self.server_identity.is_some(), assign) {
+            (true, false) => outcome::XID_QUERY,
+            (true, true) => outcome::XID_ASSIGNED_QUERY,
+            (false, false) => outcome::XID_AND_IDENTITY_QUERY,
+            (false, true) => outcome::XID_ASSIGNED_AND_IDENTITY_QUERY,
         };
         frame::write_frame(&mut self.to_server, Some(b'Q'), |body| {
             body.extend_from_slice(sql.as_bytes());
@@ -1533,6 +1557,9 @@ impl Flow {
     }
 
     fn ready(&mut self) {
+        if self.status == b'I' && self.replay.in_flight().count() <= 1 {
+            self.may_have_written = false;
+        }
         let ready = self.tracker.ready(self.status);
         let safe_point = ready.safe.then_some(ready.template);
         if let Some(completed) = self

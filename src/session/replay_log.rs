@@ -82,6 +82,8 @@ pub struct ReplayLog {
     digest: blake3::Hasher,
     /// Messages in `digest`.
     answered: u32,
+    /// Notices the client received for the oldest command in flight.
+    notices: u32,
     next_seq: u64,
 }
 
@@ -96,6 +98,7 @@ impl ReplayLog {
             safe_point: None,
             digest: blake3::Hasher::new(),
             answered: 0,
+            notices: 0,
             next_seq: 1,
         }
     }
@@ -204,10 +207,14 @@ impl ReplayLog {
     /// (notifications, parameter changes, notices) are not part of a
     /// result; of an error, only the severity and SQLSTATE are.
     pub fn server_message(&mut self, tag: u8, message: &[u8]) {
-        if matches!(tag, b'A' | b'S' | b'N') {
+        if self.in_flight.is_empty() {
             return;
         }
-        if self.in_flight.is_empty() {
+        if tag == b'N' {
+            self.notices += 1;
+            return;
+        }
+        if matches!(tag, b'A' | b'S') {
             return;
         }
         digest_answer(&mut self.digest, tag, message);
@@ -218,6 +225,12 @@ impl ReplayLog {
     /// received, and their digest so far.
     pub fn answer_so_far(&self) -> (u32, [u8; 32]) {
         (self.answered, *self.digest.clone().finalize().as_bytes())
+    }
+
+    /// How many notices the client has received for the oldest command in
+    /// flight: a replay of it raises them again.
+    pub fn notices_so_far(&self) -> u32 {
+        self.notices
     }
 
     /// The server is in COPY FROM STDIN mode for the oldest command (a
@@ -274,6 +287,7 @@ impl ReplayLog {
         let result_digest = *self.digest.finalize().as_bytes();
         self.digest.reset();
         self.answered = 0;
+        self.notices = 0;
         let completed = Completed {
             seq: command.seq,
             message_len: command.message_len,

@@ -610,6 +610,25 @@ impl Tracker {
         }
     }
 
+    /// The body of SQL-prepared statement `name`: what EXECUTE runs, and
+    /// its text (the PREPARE statement after its `AS`).
+    pub fn prepared_body(&self, name: &[u8]) -> Option<(&Effect, &[u8])> {
+        let effect = self.prepared_effects.get(name)?;
+        let statement = self.working.prepared.get(name)?;
+        if statement.origin != PreparedOrigin::Sql {
+            return None;
+        }
+        let text = &statement.query[..];
+        let mut lexer = crate::state::lexer::Lexer::new(text, &self.lex);
+        let after_as = loop {
+            let token = lexer.next()?;
+            if token.lexeme(text).is_keyword(b"as") {
+                break token.end();
+            }
+        };
+        Some((effect, &text[after_as..]))
+    }
+
     /// What EXECUTE of a SQL-prepared statement does.
     pub fn prepared_effect(&self, name: &[u8]) -> Option<&Effect> {
         self.prepared_effects.get(name)
