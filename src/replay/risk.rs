@@ -14,6 +14,7 @@
 
 use crate::state::lexer::{LexOptions, Lexer};
 use crate::state::Effect;
+use crate::template::NonRecoverable;
 
 /// What one statement can do to the transaction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,7 +55,25 @@ impl StatementRisk {
             | Effect::Discard(_)
             | Effect::Close(_)
             | Effect::Reprise(_) => StatementRisk::Harmless,
-            Effect::None if reads_only(sql, options) => StatementRisk::Harmless,
+            // State no template holds, but no data written: a temporary
+            // object died with the old server process, a hold cursor or an
+            // imported snapshot only reads. The session becomes
+            // non-recoverable once it completes, not before.
+            Effect::NonRecoverable(
+                NonRecoverable::TempObjects
+                | NonRecoverable::HoldCursors
+                | NonRecoverable::SnapshotImport
+                | NonRecoverable::Load,
+            )
+            | Effect::DeclareHold(_) => StatementRisk::Harmless,
+            Effect::None
+            | Effect::NonRecoverable(NonRecoverable::AdvisoryLocks)
+            | Effect::AdvisoryUnlockAll
+            | Effect::SetUnknown(_)
+                if reads_only(sql, options) =>
+            {
+                StatementRisk::Harmless
+            }
             _ => StatementRisk::Write,
         }
     }
@@ -72,9 +91,33 @@ fn reads_only(sql: &[u8], options: &LexOptions) -> bool {
             None => return false,
         }
     };
+    if lexeme.is_keyword(b"copy") {
+        return copies_to_client(lexer, sql);
+    }
     ["select", "show", "table", "values"]
         .iter()
         .any(|keyword| lexeme.is_keyword(keyword.as_bytes()))
+}
+
+/// The rest of a COPY statement sends data to the client (`TO STDOUT`),
+/// rather than loading it (`FROM`) or writing a server file.
+fn copies_to_client(mut lexer: Lexer<'_>, sql: &[u8]) -> bool {
+    let mut depth = 0usize;
+    while let Some(token) = lexer.next() {
+        let lexeme = token.lexeme(sql);
+        if lexeme.is_punct(b'(') {
+            depth += 1;
+        } else if lexeme.is_punct(b')') {
+            depth = depth.saturating_sub(1);
+        } else if depth == 0 && lexeme.is_keyword(b"from") {
+            return false;
+        } else if depth == 0 && lexeme.is_keyword(b"to") {
+            return lexer
+                .next()
+                .is_some_and(|next| next.lexeme(sql).is_keyword(b"stdout"));
+        }
+    }
+    false
 }
 
 /// What a command (its statements in order) does to the transaction,
@@ -206,6 +249,32 @@ mod tests {
             StatementRisk::Write
         );
         assert_eq!(risk(Effect::Unknown, "select 1"), StatementRisk::Write);
+        assert_eq!(
+            risk(Effect::None, "COPY (SELECT 1 FROM t) TO STDOUT"),
+            StatementRisk::Harmless
+        );
+        assert_eq!(
+            risk(Effect::None, "copy t from stdin"),
+            StatementRisk::Write
+        );
+        assert_eq!(
+            risk(Effect::None, "copy t to '/tmp/file'"),
+            StatementRisk::Write
+        );
+        assert_eq!(
+            risk(
+                Effect::NonRecoverable(NonRecoverable::AdvisoryLocks),
+                "select pg_advisory_lock(1)"
+            ),
+            StatementRisk::Harmless
+        );
+        assert_eq!(
+            risk(
+                Effect::NonRecoverable(NonRecoverable::TempObjects),
+                "create temp table t (n int)"
+            ),
+            StatementRisk::Harmless
+        );
         assert_eq!(
             risk(Effect::Commit { chain: false }, "commit"),
             StatementRisk::Commit

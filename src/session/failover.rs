@@ -445,6 +445,15 @@ where
                 "a command since the last safe point carries a credential, which Reprise does not keep",
             ));
         }
+        // A commit the client saw completed, with no safe point after it:
+        // the session held state no template restores when it committed
+        // (a hold cursor, say), or the commit chained a new transaction.
+        if !risk::rerunnable(false, replay.done().iter().map(|command| &command.risk)) {
+            return Err(Failure::refused(
+                Cause::NonRecoverableState,
+                "a transaction committed since the last safe point, which a replay would commit again",
+            ));
+        }
         // Only the oldest command in flight can be a COMMIT worth settling:
         // answers come in order, so nothing after it was answered either.
         let mark = replay

@@ -126,9 +126,11 @@ pub fn parse(name: &str, text: &str) -> Result<Scenario, String> {
                 }
             }
             "parse" => {
-                let [name, sql] = fields()[..] else {
+                // Only the first bar separates: SQL may hold `||`.
+                let Some((name, sql)) = argument.split_once('|') else {
                     return Err(at("parse: NAME | SQL".to_owned()));
                 };
+                let (name, sql) = (name.trim(), sql.trim());
                 let mut body = cstr(name);
                 body.extend(cstr(sql));
                 body.extend(0i16.to_be_bytes());
