@@ -328,6 +328,12 @@ pub struct Config {
     /// pg_terminate_backend (or a fast shutdown: both say 57P01); off
     /// passes that FATAL error to the client.
     pub replay_terminated: bool,
+    /// Insert a token row (table `reprise.commit_guard`, created on first
+    /// use) in every writing transaction just before its COMMIT, so that
+    /// a COMMIT whose answer was lost across a promotion or a crash
+    /// restart can still be settled. Applies to sessions that start after
+    /// a reload.
+    pub commit_guard: bool,
     /// How often every backend is asked whether it is writable and on
     /// which timeline, so that a failover chooses at once; zero turns the
     /// background checks off (sessions then ask during a failover).
@@ -364,6 +370,7 @@ impl Default for Config {
             failover: true,
             failover_budget: HumanDuration(Duration::from_secs(30)),
             replay_terminated: true,
+            commit_guard: false,
             health_check_period: HumanDuration(Duration::from_secs(1)),
             health_check_user: None,
             health_check_database: "postgres".to_owned(),

@@ -14,6 +14,7 @@ use crate::datadir::{DataDirError, DataDirLock};
 use crate::frontend::listener::Listener;
 use crate::journal::recovery::{self, Mode, Recovery, RecoveryError};
 use crate::journal::{Journal, JournalHandle};
+use crate::replay::guard::Guards;
 use crate::session::cancel::CancelRegistry;
 use crate::session::control::{Order, Sessions};
 use crate::stats::Stats;
@@ -63,6 +64,8 @@ pub struct Shared {
     pub(crate) journal: Option<JournalHandle>,
     /// What is known about each backend's role.
     pub(crate) health: Arc<Health>,
+    /// The commit guard of each database sessions used.
+    pub(crate) guards: Arc<Guards>,
     session_ids: AtomicU64,
 }
 
@@ -160,6 +163,7 @@ impl Proxy {
             sessions: Arc::new(Sessions::default()),
             journal: journal.as_ref().map(Journal::handle),
             health: Arc::new(Health::default()),
+            guards: Arc::new(Guards::default()),
             session_ids: AtomicU64::new(next_session.saturating_sub(1)),
         });
         let sessions = TaskTracker::new();
@@ -201,6 +205,15 @@ impl Proxy {
                 self.shared.draining.clone(),
             ))
         };
+        let sweeps = {
+            let shared = Arc::clone(&self.shared);
+            let users = Arc::clone(&self.shared);
+            tokio::spawn(Arc::clone(&self.shared.guards).sweep_in_background(
+                move || shared.config(),
+                move || users.users(),
+                self.shared.draining.clone(),
+            ))
+        };
         let mut accepting = Vec::new();
         for listener in self.listeners {
             tracing::info!(listener = %listener.describe(), "accepting connections");
@@ -213,6 +226,7 @@ impl Proxy {
             let _ = task.await;
         }
         let _ = checks.await;
+        let _ = sweeps.await;
         let mut workers = Arc::try_unwrap(workers).ok();
         if let Some(workers) = &mut workers {
             workers.close();

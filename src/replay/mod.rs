@@ -3,5 +3,6 @@
 //! connection and brings it to the session's state ([`attach`]).
 
 pub mod attach;
+pub mod guard;
 pub mod outcome;
 pub mod risk;

@@ -18,35 +18,41 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::net::TcpStream;
 
+use super::guard;
 use crate::backend::query::{simple_query, QueryError, TextRow};
 
-/// The query pipelined ahead of a COMMIT once the server is known.
-pub const XID_QUERY: &str = "SELECT pg_catalog.txid_current_if_assigned()::pg_catalog.text";
-
-/// The same, with the identity of the server, for the first COMMIT on a
-/// server connection. None of it can fail inside a transaction, so the
+/// The query pipelined ahead of a COMMIT: the transaction id, if any;
+/// with `assign`, one is assigned if the transaction has none yet (a
+/// transaction that sent NOTIFY gets one only at COMMIT), unless it is
+/// read-only; with `guard`, the commit-guard insert of that token (see
+/// [`guard`]); with `identity`, the server's system identifier, timeline
+/// and postmaster start. None of it can fail inside a transaction, so the
 /// client's transaction is never disturbed.
-pub const XID_AND_IDENTITY_QUERY: &str = "SELECT pg_catalog.txid_current_if_assigned()::pg_catalog.text, \
-     s.system_identifier::pg_catalog.text, \
-     CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL \
-          ELSE pg_catalog.substr(pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_lsn()), 1, 8) END, \
-     pg_catalog.pg_postmaster_start_time()::pg_catalog.text \
-     FROM pg_catalog.pg_control_system() s";
-
-/// The same, making the server assign an id if the transaction has none
-/// yet: a transaction that sent NOTIFY gets one only at COMMIT. A
-/// read-only transaction cannot be given one and is asked as above.
-pub const XID_ASSIGNED_QUERY: &str = "SELECT CASE WHEN pg_catalog.current_setting('transaction_read_only')::pg_catalog.bool \
-     THEN pg_catalog.txid_current_if_assigned() ELSE pg_catalog.txid_current() END::pg_catalog.text";
-
-/// [`XID_ASSIGNED_QUERY`] with the identity of the server.
-pub const XID_ASSIGNED_AND_IDENTITY_QUERY: &str = "SELECT CASE WHEN pg_catalog.current_setting('transaction_read_only')::pg_catalog.bool \
-     THEN pg_catalog.txid_current_if_assigned() ELSE pg_catalog.txid_current() END::pg_catalog.text, \
-     s.system_identifier::pg_catalog.text, \
-     CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL \
-          ELSE pg_catalog.substr(pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_lsn()), 1, 8) END, \
-     pg_catalog.pg_postmaster_start_time()::pg_catalog.text \
-     FROM pg_catalog.pg_control_system() s";
+pub fn xid_question(assign: bool, guard: Option<&str>, identity: bool) -> String {
+    let mut sql = String::from("SELECT ");
+    if assign {
+        sql.push_str(
+            "CASE WHEN pg_catalog.current_setting('transaction_read_only')::pg_catalog.bool \
+             THEN pg_catalog.txid_current_if_assigned() ELSE pg_catalog.txid_current() END::pg_catalog.text",
+        );
+    } else {
+        sql.push_str("pg_catalog.txid_current_if_assigned()::pg_catalog.text");
+    }
+    if let Some(token) = guard {
+        sql.push_str(", ");
+        sql.push_str(&guard::insert_expression(token));
+    }
+    if identity {
+        sql.push_str(
+            ", s.system_identifier::pg_catalog.text, \
+             CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL \
+                  ELSE pg_catalog.substr(pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_lsn()), 1, 8) END, \
+             pg_catalog.pg_postmaster_start_time()::pg_catalog.text \
+             FROM pg_catalog.pg_control_system() s",
+        );
+    }
+    sql
+}
 
 /// Which server, and which life of it, a connection talks to.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -58,7 +64,8 @@ pub struct ServerIdentity {
 }
 
 impl ServerIdentity {
-    /// From the last three columns of a row of [`XID_AND_IDENTITY_QUERY`].
+    /// From the last three columns of a row of [`xid_question`] with the
+    /// identity.
     pub fn from_fields(fields: &[Option<&[u8]>]) -> Option<ServerIdentity> {
         let text =
             |field: &Option<&[u8]>| field.map(|value| String::from_utf8_lossy(value).into_owned());
@@ -94,6 +101,8 @@ pub struct CommitMark {
     pub xid: Option<u64>,
     /// The server that gave it out, when known.
     pub identity: Option<ServerIdentity>,
+    /// The commit-guard token the transaction inserted, if it did.
+    pub guard: Option<String>,
 }
 
 /// What became of the transaction.
@@ -114,6 +123,29 @@ const TERMINATE_WAIT: Duration = Duration::from_secs(5);
 /// Asks a new server connection what became of `mark`'s transaction.
 /// `Err` when the connection failed and another may answer.
 pub async fn settle(
+    stream: &mut TcpStream,
+    inbox: &mut BytesMut,
+    mark: &CommitMark,
+    old_process_id: i32,
+    max_message_size: usize,
+) -> Result<Verdict, String> {
+    let verdict = settle_by_id(stream, inbox, mark, old_process_id, max_message_size).await?;
+    let (Verdict::Unknown(reason), Some(token)) = (&verdict, &mark.guard) else {
+        return Ok(verdict);
+    };
+    if reason.starts_with(STILL_RUNNING) {
+        // The guard row is no proof while the transaction may still end.
+        return Ok(verdict);
+    }
+    match guard::committed(stream, inbox, token, max_message_size).await? {
+        Ok(true) => Ok(Verdict::Committed),
+        Ok(false) => Ok(Verdict::Aborted),
+        Err(problem) => Ok(Verdict::Unknown(format!("{reason}; {problem}"))),
+    }
+}
+
+/// What `txid_status` on the new server connection proves.
+async fn settle_by_id(
     stream: &mut TcpStream,
     inbox: &mut BytesMut,
     mark: &CommitMark,
@@ -166,9 +198,13 @@ pub async fn settle(
         }
     }
     Ok(Verdict::Unknown(format!(
-        "transaction {xid} was still in progress after its server process was terminated"
+        "{STILL_RUNNING}: transaction {xid} was still in progress after its server process was terminated"
     )))
 }
+
+/// How an outcome unknown because the old server process would not end
+/// begins.
+const STILL_RUNNING: &str = "still running";
 
 fn split_row(row: &TextRow) -> Option<(Option<String>, ServerIdentity)> {
     let (status, identity) = row.split_first()?;

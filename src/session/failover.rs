@@ -512,6 +512,16 @@ where
         self.server_pid = attached.process_id;
         self.server_said_fatal = false;
         self.flow.server_changed();
+        let config = self.shared.config();
+        if config.failover && config.commit_guard {
+            let slot = self.shared.guards.slot(
+                &self.backend,
+                &self.startup,
+                &config,
+                &self.shared.users(),
+            );
+            self.flow.use_guard(Some(slot));
+        }
         self.cancel.retarget(CancelTarget {
             backend: self.backend.clone(),
             process_id: attached.process_id,

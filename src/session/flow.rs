@@ -14,6 +14,7 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 
 use crate::proxy::Shared;
+use crate::replay::guard;
 use crate::replay::outcome::{self, CommitMark, ServerIdentity};
 use crate::replay::risk::StatementRisk;
 use crate::session::replay_log::{Completed, ReplayLog};
@@ -174,7 +175,10 @@ enum Pending {
 struct XidQuestion {
     /// The replay-log command of the COMMIT.
     seq: u64,
-    answer: Option<(Option<u64>, Option<ServerIdentity>)>,
+    /// The commit-guard token the question inserts, if it does.
+    token: Option<String>,
+    /// The transaction id, whether the guard row went in, and the server.
+    answer: Option<(Option<u64>, bool, Option<ServerIdentity>)>,
     failed: bool,
 }
 
@@ -264,6 +268,8 @@ pub struct Flow {
     safe_template: Option<(TemplateId, Arc<Template>)>,
     /// Ask for the transaction id ahead of each COMMIT.
     learn_commit_xids: bool,
+    /// The commit guard of the current server connection's database.
+    guard: Option<Arc<guard::Slot>>,
     /// A statement that may write was sent since the session was last
     /// idle: its transaction may get its id only at COMMIT (NOTIFY does),
     /// so the question ahead of the COMMIT makes the server assign one.
@@ -308,6 +314,7 @@ impl Flow {
             restore_error: None,
             safe_template: None,
             learn_commit_xids: false,
+            guard: None,
             may_have_written: false,
             server_identity: None,
             commit_mark: None,
@@ -318,6 +325,12 @@ impl Flow {
     /// transaction, so that a lost answer to it can be settled.
     pub fn learn_commit_xids(&mut self, on: bool) {
         self.learn_commit_xids = on;
+    }
+
+    /// Inserts commit-guard rows ahead of COMMITs while `slot` is ready
+    /// (none: never).
+    pub fn use_guard(&mut self, slot: Option<Arc<guard::Slot>>) {
+        self.guard = slot;
     }
 
     /// What was learnt before the COMMIT of replay-log command `seq`, if
@@ -826,18 +839,17 @@ impl Flow {
     /// client is sending.
     fn ask_xid(&mut self) {
         let assign = std::mem::take(&mut self.may_have_written);
-        let sql = match (self.server_identity.is_some(), assign) {
-            (true, false) => outcome::XID_QUERY,
-            (true, true) => outcome::XID_ASSIGNED_QUERY,
-            (false, false) => outcome::XID_AND_IDENTITY_QUERY,
-            (false, true) => outcome::XID_ASSIGNED_AND_IDENTITY_QUERY,
-        };
+        // Only a transaction that may have written needs the guard row.
+        let token =
+            (assign && self.guard.as_ref().is_some_and(|slot| slot.ready())).then(guard::new_token);
+        let sql = outcome::xid_question(assign, token.as_deref(), self.server_identity.is_none());
         frame::write_frame(&mut self.to_server, Some(b'Q'), |body| {
             body.extend_from_slice(sql.as_bytes());
             body.extend_from_slice(&[0]);
         });
         self.queue.push_back(Pending::Xid(XidQuestion {
             seq: self.replay.next_command_seq(),
+            token,
             answer: None,
             failed: false,
         }));
@@ -853,7 +865,13 @@ impl Flow {
             b'E' if server_msg::error_summary(message).is_fatal() => return ServerStep::Forward,
             b'E' => question.failed = true,
             b'D' => match server_msg::data_row_fields(message).as_deref() {
-                Some([xid, identity @ ..]) => {
+                Some([xid, rest @ ..]) => {
+                    // With a token, the guard's answer comes next: the
+                    // token when its row went in, NULL when it did not.
+                    let (guarded, identity) = match (&question.token, rest) {
+                        (Some(_), [guarded, identity @ ..]) => (guarded.is_some(), identity),
+                        _ => (false, rest),
+                    };
                     let xid = match xid {
                         None => Some(None),
                         Some(text) => std::str::from_utf8(text)
@@ -863,7 +881,8 @@ impl Flow {
                     };
                     match xid {
                         Some(xid) => {
-                            question.answer = Some((xid, ServerIdentity::from_fields(identity)))
+                            question.answer =
+                                Some((xid, guarded, ServerIdentity::from_fields(identity)))
                         }
                         None => question.failed = true,
                     }
@@ -874,7 +893,9 @@ impl Flow {
             b'Z' => {
                 if let Some(Pending::Xid(question)) = self.queue.pop_front() {
                     self.commit_mark = None;
-                    if let (Some((xid, identity)), false) = (question.answer, question.failed) {
+                    if let (Some((xid, guarded, identity)), false) =
+                        (question.answer, question.failed)
+                    {
                         if identity.is_some() {
                             self.server_identity = identity;
                         }
@@ -882,6 +903,7 @@ impl Flow {
                             seq: question.seq,
                             xid,
                             identity: self.server_identity.clone(),
+                            guard: question.token.filter(|_| guarded),
                         });
                     }
                 }

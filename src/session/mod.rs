@@ -212,6 +212,14 @@ where
             config.max_replay_log(),
         );
         flow.learn_commit_xids(config.failover);
+        if config.failover && config.commit_guard {
+            flow.use_guard(Some(shared.guards.slot(
+                &backend,
+                &startup,
+                &config,
+                &shared.users(),
+            )));
+        }
         let recorder = match &shared.journal {
             Some(journal) if config.session_tracking => {
                 let template_id = flow.tracker.template_id();

@@ -4,6 +4,7 @@
 
 mod bad_input;
 mod clients;
+mod commit_guard;
 mod failover;
 mod failover_load;
 mod hooks;
