@@ -53,6 +53,10 @@ pub struct BenchArgs {
     /// like script).
     #[arg(long, value_delimiter = ',', default_value = "select")]
     workloads: Vec<Workload>,
+    /// Instead of the pgbench matrix, measure the pause a client sees
+    /// when its server process is terminated, over this many failures.
+    #[arg(long, value_name = "FAILURES")]
+    recovery: Option<usize>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -120,6 +124,23 @@ fn bench(args: &BenchArgs, interrupted: &CancellationToken) -> anyhow::Result<()
     let work = tempfile::Builder::new()
         .prefix("reprise-bench-")
         .tempdir()?;
+    if let Some(failures) = args.recovery {
+        let reprise_port = throwaway_pg::lease_port()?;
+        let _reprise = start_reprise(
+            &work.path().join("tracked"),
+            reprise_port.port(),
+            cluster.port(),
+            "",
+        )?;
+        wait_for_port(reprise_port.port()).context("reprise does not accept connections")?;
+        println!(
+            "PostgreSQL on port {}; {failures} failures …",
+            cluster.port()
+        );
+        let report = crate::recovery_bench::run(failures, &cluster, reprise_port.port())?;
+        print!("{report}");
+        return Ok(());
+    }
     println!(
         "PostgreSQL on port {}; initializing pgbench scale {} …",
         cluster.port(),
@@ -144,6 +165,7 @@ fn bench(args: &BenchArgs, interrupted: &CancellationToken) -> anyhow::Result<()
         cluster.port(),
         "",
     )?;
+
     let mut targets = vec![
         (Target::Direct, cluster.port(), None),
         (Target::Reprise, reprise_port.port(), Some(reprise.0.id())),

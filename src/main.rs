@@ -3,6 +3,7 @@
 mod bench;
 mod demo;
 mod journal_cli;
+mod recovery_bench;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
