@@ -1,6 +1,7 @@
 //! `reprise demo`: Reprise in front of a throwaway PostgreSQL, with a short
 //! real workload through it.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,6 +31,11 @@ pub struct DemoArgs {
     /// Transactions per session in the load phase.
     #[arg(long, default_value_t = 250)]
     transactions: usize,
+    /// Also kill the primary (SIGKILL of its postmaster) in the middle of
+    /// a transaction and promote a synchronous standby; only with the
+    /// throwaway cluster.
+    #[arg(long, conflicts_with = "backend")]
+    promote: bool,
 }
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
@@ -80,12 +86,35 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         }
     };
 
+    let mut cluster = cluster;
+    let standby = match (&cluster, args.promote) {
+        (Some(primary), true) => {
+            println!("Starting a streaming standby of it …");
+            let standby = tokio::task::block_in_place(|| primary.standby())
+                .context("cannot start a standby")?;
+            println!("  standby on {}:{}", standby.host(), standby.port());
+            Some(standby)
+        }
+        _ => None,
+    };
+    let mut backends = vec![backend.clone()];
+    if let Some(standby) = &standby {
+        backends.push(Backend {
+            name: "standby".to_owned(),
+            host: standby.host().to_owned(),
+            port: standby.port(),
+        });
+    }
+
     let data_dir = tempfile::Builder::new().prefix("reprise-demo-").tempdir()?;
     let config = Config {
         listen: "127.0.0.1:0".parse()?,
         data_dir: data_dir.path().to_owned(),
         users_file: args.users_file.clone(),
-        backends: vec![backend.clone()],
+        backends,
+        // A COMMIT lost when the primary dies is settled on the standby.
+        commit_guard: args.promote,
+        health_check_user: args.promote.then(|| args.user.clone()),
         ..Config::default()
     };
     config.validate()?;
@@ -99,8 +128,16 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         backend.address()
     );
 
+    let scenes = async {
+        workload(&args, address).await?;
+        failover(&args, address, &backend).await?;
+        if let (Some(primary), Some(standby)) = (cluster.as_mut(), &standby) {
+            promotion(&args, address, primary, standby).await?;
+        }
+        anyhow::Ok(())
+    };
     let outcome = tokio::select! {
-        outcome = workload(&args, address) => outcome,
+        outcome = scenes => outcome,
         () = interrupted.cancelled() => {
             println!("\nInterrupted: cleaning up.");
             Ok(())
@@ -112,6 +149,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     if outcome.is_ok() && !interrupted.is_cancelled() {
         report_journal(data_dir.path());
         println!("\nDone: every step above went through Reprise and matched what PostgreSQL itself would answer.");
+    }
+    if let Some(standby) = standby {
+        tokio::task::spawn_blocking(move || drop(standby)).await?;
     }
     if let Some(cluster) = cluster {
         tokio::task::spawn_blocking(move || drop(cluster)).await?;
@@ -135,16 +175,17 @@ fn report_journal(data_dir: &std::path::Path) {
     let count = |kind| counts.get(&kind).copied().unwrap_or(0);
     match scanned {
         Ok(recovered) => println!(
-            "7. Journal: {} sessions, {} commands inside transactions, {} safe points, {} templates; \
-             {} sessions left unfinished work, {} damaged stretches",
+            "Journal: {} sessions, {} commands inside transactions, {} safe points, {} templates, \
+             {} failover outcomes; {} sessions left unfinished work, {} damaged stretches",
             count(RecordKind::SessionStart),
             count(RecordKind::Command),
             count(RecordKind::SafePoint),
             count(RecordKind::Template),
+            count(RecordKind::Outcome),
             recovered.unfinished().count(),
             recovered.damage.len()
         ),
-        Err(err) => println!("7. Journal could not be read: {err}"),
+        Err(err) => println!("Journal could not be read: {err}"),
     }
 }
 
@@ -330,4 +371,203 @@ async fn workload(args: &DemoArgs, address: std::net::SocketAddr) -> anyhow::Res
     }
     client.batch_execute("drop table reprise_demo").await?;
     Ok(())
+}
+
+/// The counters of `SHOW reprise.stats`.
+async fn stats(client: &tokio_postgres::Client) -> anyhow::Result<HashMap<String, u64>> {
+    let mut counters = HashMap::new();
+    for message in client.simple_query("show reprise.stats").await? {
+        if let tokio_postgres::SimpleQueryMessage::Row(row) = message {
+            if let (Some(name), Some(value)) = (row.get(0), row.get(1)) {
+                counters.insert(name.to_owned(), value.parse().unwrap_or(0));
+            }
+        }
+    }
+    Ok(counters)
+}
+
+/// A transfer half done when the server connection goes: it opens a
+/// transaction, sets a local setting, moves money out of one account, and
+/// is interrupted by `interrupt`; then it goes on as if nothing happened.
+/// Prints the pause, the commands replayed and the check.
+async fn interrupted_transfer<F, Fut, R>(
+    args: &DemoArgs,
+    address: std::net::SocketAddr,
+    interrupt: F,
+    repair: R,
+) -> anyhow::Result<()>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+    R: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let (client, _) = connect(&args.user, address).await?;
+    client
+        .batch_execute(
+            "set application_name = 'reprise-demo-transfer';
+             create table if not exists reprise_demo_accounts (id int primary key, balance bigint not null);
+             truncate reprise_demo_accounts;
+             insert into reprise_demo_accounts values (1, 100), (2, 100)",
+        )
+        .await?;
+    let before = stats(&client).await?;
+    for statement in [
+        "begin",
+        "set local lock_timeout = '5s'",
+        "update reprise_demo_accounts set balance = balance - 30 where id = 1",
+    ] {
+        client.batch_execute(statement).await?;
+    }
+    println!("   the client: BEGIN; SET LOCAL lock_timeout; UPDATE (−30 from account 1) …");
+    interrupt().await?;
+    let started = Instant::now();
+    // The client goes on at once; whatever repairs the servers runs
+    // meanwhile.
+    let (repaired, pause) = tokio::join!(repair, async {
+        client
+            .batch_execute("update reprise_demo_accounts set balance = balance + 30 where id = 2")
+            .await
+            .context("the transaction did not survive")?;
+        anyhow::Ok(started.elapsed())
+    });
+    repaired?;
+    let pause = pause?;
+    let lock_timeout: String = client.query_one("show lock_timeout", &[]).await?.get(0);
+    client.batch_execute("commit").await?;
+    println!(
+        "   … UPDATE (+30 to account 2); SHOW lock_timeout = {lock_timeout}; COMMIT: all fine"
+    );
+    let balances: Vec<i64> = client
+        .query("select balance from reprise_demo_accounts order by id", &[])
+        .await?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let after = stats(&client).await?;
+    let delta =
+        |name: &str| after.get(name).copied().unwrap_or(0) - before.get(name).copied().unwrap_or(0);
+    println!(
+        "   pause {:.1} ms; {} commands replayed; {} failover recovered, {} failed \
+         (every replayed command's state hash and result digest matched); balances {balances:?}",
+        pause.as_secs_f64() * 1000.0,
+        delta("commands_replayed"),
+        delta("failovers_recovered"),
+        delta("failovers_failed"),
+    );
+    if balances != [70, 130] || delta("failovers_recovered") != 1 {
+        bail!("the failover did not go as it should: balances {balances:?}");
+    }
+    client
+        .batch_execute("drop table reprise_demo_accounts")
+        .await?;
+    Ok(())
+}
+
+/// The server process of a session in the middle of a transaction is
+/// terminated.
+async fn failover(
+    args: &DemoArgs,
+    address: std::net::SocketAddr,
+    backend: &Backend,
+) -> anyhow::Result<()> {
+    println!(
+        "7. Failover: the server process of a session in the middle of a transaction is terminated"
+    );
+    let observer_conn = format!(
+        "host={} port={} user={} dbname=postgres",
+        backend.host, backend.port, args.user
+    );
+    let (observer, connection) = tokio_postgres::connect(&observer_conn, NoTls)
+        .await
+        .context("cannot connect to the server directly")?;
+    tokio::spawn(connection);
+    interrupted_transfer(args, address, || async {
+        let row = observer
+            .query_one(
+                "select count(*) filter (where pg_terminate_backend(pid, 5000)) from pg_stat_activity \
+                 where application_name = 'reprise-demo-transfer'",
+                &[],
+            )
+            .await?;
+        let terminated: i64 = row.get(0);
+        println!("   pg_terminate_backend() of its server process ({terminated} terminated)");
+        Ok(())
+    }, async { Ok(()) })
+    .await
+}
+
+/// The primary dies (SIGKILL of its postmaster) and its synchronous
+/// standby is promoted.
+async fn promotion(
+    args: &DemoArgs,
+    address: std::net::SocketAddr,
+    primary: &mut throwaway_pg::Cluster,
+    standby: &throwaway_pg::Cluster,
+) -> anyhow::Result<()> {
+    println!("8. Promotion: the primary is killed in the middle of a transaction and its standby promoted");
+    let primary_conn = format!(
+        "host={} port={} user={} dbname=postgres",
+        primary.host(),
+        primary.port(),
+        args.user
+    );
+    let (observer, connection) = tokio_postgres::connect(&primary_conn, NoTls).await?;
+    tokio::spawn(connection);
+    // The throwaway cluster does not wait for WAL flushes at commit; a
+    // synchronous standby needs it to.
+    for setting in ["synchronous_standby_names = '*'", "synchronous_commit = on"] {
+        observer
+            .batch_execute(&format!("alter system set {setting}"))
+            .await?;
+    }
+    observer.batch_execute("select pg_reload_conf()").await?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let row = observer
+            .query_one(
+                "select count(*) from pg_stat_replication where sync_state = 'sync'",
+                &[],
+            )
+            .await?;
+        if row.get::<_, i64>(0) == 1 {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the standby did not become synchronous");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(observer);
+    println!("   the standby replicates synchronously");
+    let standby_conn = format!(
+        "host={} port={} user={} dbname=postgres",
+        standby.host(),
+        standby.port(),
+        args.user
+    );
+    interrupted_transfer(
+        args,
+        address,
+        || async {
+            tokio::task::block_in_place(|| primary.kill9_postmaster())
+                .context("cannot kill the primary")?;
+            println!("   kill -9 of the primary's postmaster; the client goes on and waits");
+            Ok(())
+        },
+        async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            tokio::task::block_in_place(|| standby.promote())
+                .context("cannot promote the standby")?;
+            let (promoted, connection) = tokio_postgres::connect(&standby_conn, NoTls).await?;
+            tokio::spawn(connection);
+            // The promoted standby has no standby of its own to wait for.
+            promoted
+                .batch_execute("alter system reset synchronous_standby_names")
+                .await?;
+            promoted.batch_execute("select pg_reload_conf()").await?;
+            println!("   standby promoted: it takes writes now");
+            Ok(())
+        },
+    )
+    .await
 }

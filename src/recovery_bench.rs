@@ -74,7 +74,10 @@ async fn measure(
                 &[],
             )
             .await?;
-        anyhow::ensure!(terminated == 1, "the session's server process was not found");
+        anyhow::ensure!(
+            terminated == 1,
+            "the session's server process was not found"
+        );
         let lost = Instant::now();
         client
             .simple_query("SELECT 1")
