@@ -22,9 +22,13 @@ async fn commit_across_a_crash_restart(
     .await;
     let (observer, _) = harness.connect_direct().await;
     observer
-        .batch_execute("create table paid (id int primary key); checkpoint")
+        .batch_execute("create table paid (id int primary key)")
         .await
         .expect("table");
+    observer
+        .batch_execute("checkpoint")
+        .await
+        .expect("checkpoint");
     observer
         .batch_execute("alter system set synchronous_standby_names = 'nobody'")
         .await

@@ -561,3 +561,55 @@ async fn a_commit_that_did_not_commit_before_the_loss_is_run_again() {
     assert_eq!(stats["failovers_recovered"], 1, "{stats:?}");
     assert!(stats["commands_replayed"] >= 1, "{stats:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_survives_sigkill_of_another_server_process() {
+    let harness = Harness::start().await;
+    let (observer, _) = harness.connect_direct().await;
+    observer
+        .batch_execute("create table crashed (id int)")
+        .await
+        .expect("table");
+    // The test cluster does not flush WAL at commit: the checkpoint makes
+    // the table survive the crash.
+    observer
+        .batch_execute("checkpoint")
+        .await
+        .expect("checkpoint");
+    let (client, _) = harness.connect().await;
+    client
+        .batch_execute("set application_name = 'survivor'; begin; insert into crashed values (1)")
+        .await
+        .expect("first insert");
+    // SIGKILL of any server process makes the postmaster end all others
+    // (57P02, crash of another server process) and recover.
+    let victim = server_pid(&observer).await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(victim),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill -9 of a server process");
+    // The crash recovery is over once the server takes connections again;
+    // the session's own server process was ended on the way.
+    eventually(Duration::from_secs(20), "the server recovered", || async {
+        match tokio_postgres::connect(&harness.direct_conn_str(), tokio_postgres::NoTls).await {
+            Ok((fresh, connection)) => {
+                tokio::spawn(connection);
+                fresh.simple_query("select 1").await.is_ok()
+            }
+            Err(_) => false,
+        }
+    })
+    .await;
+    client
+        .batch_execute("insert into crashed values (2); commit")
+        .await
+        .expect("the transaction goes on after the crash recovery");
+    assert_eq!(scalar(&client, "show application_name").await, "survivor");
+    assert_eq!(
+        text_rows(&client, "select id from crashed order by id").await,
+        vec![vec!["1".to_owned()], vec!["2".to_owned()]]
+    );
+    let stats = reprise_stats(&client).await;
+    assert_eq!(stats["failovers_recovered"], 1, "{stats:?}");
+}

@@ -501,7 +501,7 @@ pub async fn text_rows(client: &Client, sql: &str) -> Vec<Vec<String>> {
     client
         .simple_query(sql)
         .await
-        .unwrap_or_else(|err| panic!("{sql}: {err}"))
+        .unwrap_or_else(|err| panic!("{sql}: {err:?}"))
         .into_iter()
         .filter_map(|message| match message {
             tokio_postgres::SimpleQueryMessage::Row(row) => Some(
