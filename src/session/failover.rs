@@ -364,9 +364,18 @@ where
     /// server connection could not give, and the session moves on from
     /// there, as if it had arrived.
     fn answer_commit(&mut self) -> Result<(), Failure> {
-        let mut answer = BytesMut::new();
-        reply::command_complete(&mut answer, "COMMIT");
-        reply::ready_for_query(&mut answer, b'I');
+        let mut answer = self
+            .flow
+            .replay
+            .in_flight()
+            .next()
+            .and_then(|command| commit_answer(&command.messages))
+            .ok_or_else(|| {
+                Failure::refused(
+                    Cause::NonRecoverableState,
+                    "the committed request holds more than a COMMIT; its answer cannot be given",
+                )
+            })?;
         let (answered, received) = self.flow.replay.answer_so_far();
         let mut seen = blake3::Hasher::new();
         let mut index = 0;
@@ -560,6 +569,43 @@ where
             recorder.append_outcome(kind, detail);
         }
     }
+}
+
+/// What the server answers to `request`, the client messages of a
+/// request that only commits (a Query, or Parse, Bind, Describe, Execute,
+/// Close and Sync of a COMMIT), when the commit succeeds. `None` for a
+/// message a commit does not answer that way.
+fn commit_answer(request: &[u8]) -> Option<BytesMut> {
+    let mut answer = BytesMut::new();
+    let mut rest = request;
+    while !rest.is_empty() {
+        let Ok(Next::Frame { tag, len }) = frame::next(rest, usize::MAX) else {
+            return None;
+        };
+        match tag {
+            b'Q' => {
+                reply::command_complete(&mut answer, "COMMIT");
+                reply::ready_for_query(&mut answer, b'I');
+            }
+            b'P' => reply::parse_complete(&mut answer),
+            b'B' => reply::bind_complete(&mut answer),
+            b'D' if rest.get(5) == Some(&b'S') => {
+                // No parameters, no rows.
+                frame::write_frame(&mut answer, Some(b't'), |body| {
+                    body.extend_from_slice(&[0, 0]);
+                });
+                reply::no_data(&mut answer);
+            }
+            b'D' => reply::no_data(&mut answer),
+            b'E' => reply::command_complete(&mut answer, "COMMIT"),
+            b'C' => reply::close_complete(&mut answer),
+            b'S' => reply::ready_for_query(&mut answer, b'I'),
+            b'H' => {}
+            _ => return None,
+        }
+        rest = &rest[len..];
+    }
+    Some(answer)
 }
 
 /// Sorts a failed connection attempt: a server that is away, starting,

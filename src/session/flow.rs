@@ -180,6 +180,10 @@ struct XidQuestion {
     /// The transaction id, whether the guard row went in, and the server.
     answer: Option<(Option<u64>, bool, Option<ServerIdentity>)>,
     failed: bool,
+    /// Asked in the extended protocol, inside the client's batch: the
+    /// CloseComplete messages still to come (portal, then statement) end
+    /// it, not a ReadyForQuery. Zero for a simple Query.
+    closes_left: u8,
 }
 
 #[derive(Debug, Default)]
@@ -729,8 +733,28 @@ impl Flow {
                 };
                 self.risks.push(risk);
                 self.unsynced = true;
+                // Only where the transaction is known to be open and
+                // healthy: nothing of the question can fail then, which
+                // would make the server skip the client's Execute.
+                let ask_xid = self.learn_commit_xids
+                    && effect == (Effect::Commit { chain: false })
+                    && self.status == b'T'
+                    && !self.skip_to_sync
+                    && self.queue.iter().all(|pending| {
+                        matches!(
+                            pending,
+                            Pending::Parse { .. } | Pending::Bind | Pending::Close { .. }
+                        )
+                    });
+                if ask_xid {
+                    self.ask_xid_extended();
+                }
                 self.queue.push_back(Pending::Execute(effect));
-                ClientStep::Forward
+                if ask_xid {
+                    ClientStep::Precede
+                } else {
+                    ClientStep::Forward
+                }
             }
         }
     }
@@ -852,6 +876,56 @@ impl Flow {
             token,
             answer: None,
             failed: false,
+            closes_left: 0,
+        }));
+    }
+
+    /// The same question for a COMMIT executed in the extended protocol:
+    /// Parse, Bind, Execute and Close of a statement and portal of
+    /// Reprise's own, placed in the client's batch just before its
+    /// Execute, so that no round trip is added and the client's unnamed
+    /// statement and portal stay as they are.
+    fn ask_xid_extended(&mut self) {
+        let assign = std::mem::take(&mut self.may_have_written);
+        let token =
+            (assign && self.guard.as_ref().is_some_and(|slot| slot.ready())).then(guard::new_token);
+        let sql = outcome::xid_question(assign, token.as_deref(), self.server_identity.is_none());
+        let statement = self.unused_statement_name(b"reprise_xid");
+        let mut portal = b"reprise_xid".to_vec();
+        while self.portals.contains(&portal) {
+            portal.push(b'_');
+        }
+        let out = &mut self.to_server;
+        frame::write_frame(out, Some(b'P'), |body| {
+            body.extend_from_slice(&statement);
+            body.extend_from_slice(&[0]);
+            body.extend_from_slice(sql.as_bytes());
+            body.extend_from_slice(&[0, 0, 0]);
+        });
+        frame::write_frame(out, Some(b'B'), |body| {
+            body.extend_from_slice(&portal);
+            body.extend_from_slice(&[0]);
+            body.extend_from_slice(&statement);
+            // No parameter formats, no parameters, no result formats.
+            body.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0]);
+        });
+        frame::write_frame(out, Some(b'E'), |body| {
+            body.extend_from_slice(&portal);
+            body.extend_from_slice(&[0, 0, 0, 0, 0]);
+        });
+        for (kind, name) in [(b'P', &portal), (b'S', &statement)] {
+            frame::write_frame(out, Some(b'C'), |body| {
+                body.extend_from_slice(&[kind]);
+                body.extend_from_slice(name);
+                body.extend_from_slice(&[0]);
+            });
+        }
+        self.queue.push_back(Pending::Xid(XidQuestion {
+            seq: self.replay.next_command_seq(),
+            token,
+            answer: None,
+            failed: false,
+            closes_left: 2,
         }));
     }
 
@@ -863,7 +937,20 @@ impl Flow {
         };
         match tag {
             b'E' if server_msg::error_summary(message).is_fatal() => return ServerStep::Forward,
+            b'E' if question.closes_left > 0 => {
+                // The server now skips the rest of the batch, the
+                // question's answers and the client's Execute included.
+                self.queue.pop_front();
+                self.commit_mark = None;
+                return self.error();
+            }
             b'E' => question.failed = true,
+            b'3' if question.closes_left > 0 => {
+                question.closes_left -= 1;
+                if question.closes_left == 0 {
+                    self.xid_answered();
+                }
+            }
             b'D' => match server_msg::data_row_fields(message).as_deref() {
                 Some([xid, rest @ ..]) => {
                     // With a token, the guard's answer comes next: the
@@ -891,27 +978,32 @@ impl Flow {
             },
             b'A' | b'N' => return ServerStep::Forward,
             b'Z' => {
-                if let Some(Pending::Xid(question)) = self.queue.pop_front() {
-                    self.commit_mark = None;
-                    if let (Some((xid, guarded, identity)), false) =
-                        (question.answer, question.failed)
-                    {
-                        if identity.is_some() {
-                            self.server_identity = identity;
-                        }
-                        self.commit_mark = Some(CommitMark {
-                            seq: question.seq,
-                            xid,
-                            identity: self.server_identity.clone(),
-                            guard: question.token.filter(|_| guarded),
-                        });
-                    }
-                }
+                self.xid_answered();
                 self.drain_local();
             }
             _ => {}
         }
         ServerStep::Consume
+    }
+
+    /// The question for the transaction id is answered in full: what it
+    /// learnt is kept for the COMMIT behind it.
+    fn xid_answered(&mut self) {
+        let Some(Pending::Xid(question)) = self.queue.pop_front() else {
+            return;
+        };
+        self.commit_mark = None;
+        if let (Some((xid, guarded, identity)), false) = (question.answer, question.failed) {
+            if identity.is_some() {
+                self.server_identity = identity;
+            }
+            self.commit_mark = Some(CommitMark {
+                seq: question.seq,
+                xid,
+                identity: self.server_identity.clone(),
+                guard: question.token.filter(|_| guarded),
+            });
+        }
     }
 
     /// A statement name the session does not use, for Reprise's own.
