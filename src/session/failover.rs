@@ -496,6 +496,13 @@ where
                 mark
             }
         } else {
+            tracing::debug!(
+                in_flight = ?replay.in_flight().map(|command| command.seq).collect::<Vec<_>>(),
+                done = replay.done().len(),
+                ?settled_seq,
+                said_fatal,
+                "no proof of the outcome of the commands in flight"
+            );
             return Err(Failure::OutcomeUnknown(
                 "a command that may have committed was in flight".to_owned(),
             ));
@@ -576,12 +583,15 @@ where
 /// Close and Sync of a COMMIT), when the commit succeeds. `None` for a
 /// message a commit does not answer that way.
 fn commit_answer(request: &[u8]) -> Option<BytesMut> {
+    let messages: Vec<(u8, &[u8])> = frames(request)?;
+    // A Describe answered here must be of the portal the COMMIT runs in.
+    let executed: Vec<&[u8]> = messages
+        .iter()
+        .filter(|(tag, _)| *tag == b'E')
+        .map(|(_, message)| cstr_at(message, 5))
+        .collect();
     let mut answer = BytesMut::new();
-    let mut rest = request;
-    while !rest.is_empty() {
-        let Ok(Next::Frame { tag, len }) = frame::next(rest, usize::MAX) else {
-            return None;
-        };
+    for (tag, message) in messages {
         match tag {
             b'Q' => {
                 reply::command_complete(&mut answer, "COMMIT");
@@ -589,23 +599,40 @@ fn commit_answer(request: &[u8]) -> Option<BytesMut> {
             }
             b'P' => reply::parse_complete(&mut answer),
             b'B' => reply::bind_complete(&mut answer),
-            b'D' if rest.get(5) == Some(&b'S') => {
-                // No parameters, no rows.
-                frame::write_frame(&mut answer, Some(b't'), |body| {
-                    body.extend_from_slice(&[0, 0]);
-                });
-                reply::no_data(&mut answer);
+            b'D' if message.get(5) == Some(&b'P') && executed.contains(&cstr_at(message, 6)) => {
+                reply::no_data(&mut answer)
             }
-            b'D' => reply::no_data(&mut answer),
             b'E' => reply::command_complete(&mut answer, "COMMIT"),
             b'C' => reply::close_complete(&mut answer),
             b'S' => reply::ready_for_query(&mut answer, b'I'),
             b'H' => {}
             _ => return None,
         }
-        rest = &rest[len..];
     }
     Some(answer)
+}
+
+/// The frames of `messages` as (tag, whole frame); `None` if one is cut.
+fn frames(messages: &[u8]) -> Option<Vec<(u8, &[u8])>> {
+    let mut list = Vec::new();
+    let mut rest = messages;
+    while !rest.is_empty() {
+        let Ok(Next::Frame { tag, len }) = frame::next(rest, usize::MAX) else {
+            return None;
+        };
+        list.push((tag, &rest[..len]));
+        rest = &rest[len..];
+    }
+    Some(list)
+}
+
+/// The NUL-terminated string of `frame` starting at `at`.
+fn cstr_at(frame: &[u8], at: usize) -> &[u8] {
+    let tail = frame.get(at..).unwrap_or_default();
+    &tail[..tail
+        .iter()
+        .position(|&byte| byte == 0)
+        .unwrap_or(tail.len())]
 }
 
 /// Sorts a failed connection attempt: a server that is away, starting,

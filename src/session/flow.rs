@@ -743,7 +743,10 @@ impl Flow {
                     && self.queue.iter().all(|pending| {
                         matches!(
                             pending,
-                            Pending::Parse { .. } | Pending::Bind | Pending::Close { .. }
+                            Pending::Parse { .. }
+                                | Pending::Bind
+                                | Pending::Describe
+                                | Pending::Close { .. }
                         )
                     });
                 if ask_xid {

@@ -35,9 +35,14 @@ impl Pgbench {
     }
 
     fn start(pgbench: &Path, proxy_port: u16) -> Pgbench {
+        Pgbench::start_with(pgbench, proxy_port, "simple", SECONDS)
+    }
+
+    /// With query mode `mode` (pgbench -M) for `seconds`.
+    fn start_with(pgbench: &Path, proxy_port: u16, mode: &str, seconds: u64) -> Pgbench {
         let child = Command::new(pgbench)
-            .args(["-n", "-c", CLIENTS, "-j", "2", "-T"])
-            .arg(SECONDS.to_string())
+            .args(["-n", "-c", CLIENTS, "-j", "2", "-M", mode, "-T"])
+            .arg(seconds.to_string())
             .args(["-h", "127.0.0.1", "-p"])
             .arg(proxy_port.to_string())
             .args(["-U", "postgres", "postgres"])
@@ -105,11 +110,22 @@ async fn check_the_bank(server: &Client, processed: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgbench_tpcb_survives_terminations_every_two_seconds() {
+    terminations_every_two_seconds("simple", SECONDS).await;
+}
+
+/// The same with prepared statements: every statement, END included,
+/// goes through the extended protocol.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_tpcb_prepared_survives_terminations_every_two_seconds() {
+    terminations_every_two_seconds("prepared", SECONDS / 2).await;
+}
+
+async fn terminations_every_two_seconds(mode: &str, seconds: u64) {
     let harness = Harness::start().await;
     let (observer, _) = harness.connect_direct().await;
     let pgbench = harness.cluster.install().bin("pgbench");
     Pgbench::init(&pgbench, harness.cluster.host(), harness.cluster.port());
-    let mut run = Pgbench::start(&pgbench, harness.proxy.port());
+    let mut run = Pgbench::start_with(&pgbench, harness.proxy.port(), mode, seconds);
     let mut rounds = 0u32;
     let mut terminated = 0u64;
     loop {
@@ -127,7 +143,7 @@ async fn pgbench_tpcb_survives_terminations_every_two_seconds() {
         rounds += 1;
     }
     let processed = run.finish();
-    let expected_rounds = SECONDS / TERMINATE_EVERY.as_secs() - 2;
+    let expected_rounds = seconds / TERMINATE_EVERY.as_secs() - 2;
     assert!(
         u64::from(rounds) >= expected_rounds,
         "terminations ran all along ({rounds} rounds)"
