@@ -653,3 +653,51 @@ fn connect_problem(err: ConnectError) -> Attempt {
         _ => Attempt::Fail(Failure::refused(Cause::NoWritableServer, err.to_string())),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut out = vec![tag];
+        out.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+        out.extend_from_slice(body);
+        out
+    }
+
+    fn tags(answer: &[u8]) -> Vec<u8> {
+        frames(answer)
+            .expect("whole frames")
+            .into_iter()
+            .map(|(tag, _)| tag)
+            .collect()
+    }
+
+    #[test]
+    fn a_simple_commit_is_answered_as_the_server_would() {
+        let answer = commit_answer(&message(b'Q', b"COMMIT\0")).expect("answer");
+        assert_eq!(tags(&answer), b"CZ");
+        assert_eq!(&answer[5..12], b"COMMIT\0");
+        assert_eq!(answer[answer.len() - 1], b'I');
+    }
+
+    #[test]
+    fn an_extended_commit_is_answered_message_by_message() {
+        let mut request = message(b'B', b"\0end\0\0\0\0\0\0\0");
+        request.extend(message(b'D', b"P\0"));
+        request.extend(message(b'E', b"\0\0\0\0\0"));
+        request.extend(message(b'S', b""));
+        let answer = commit_answer(&request).expect("answer");
+        assert_eq!(tags(&answer), b"2nCZ");
+    }
+
+    #[test]
+    fn a_describe_of_another_portal_cannot_be_answered() {
+        let mut request = message(b'D', b"Pother\0");
+        request.extend(message(b'E', b"\0\0\0\0\0"));
+        request.extend(message(b'S', b""));
+        assert!(commit_answer(&request).is_none());
+        let statement = message(b'D', b"Sname\0");
+        assert!(commit_answer(&statement).is_none());
+    }
+}
