@@ -865,11 +865,7 @@ impl Flow {
     /// Queues the question for the transaction id ahead of the COMMIT the
     /// client is sending.
     fn ask_xid(&mut self) {
-        let assign = std::mem::take(&mut self.may_have_written);
-        // Only a transaction that may have written needs the guard row.
-        let token =
-            (assign && self.guard.as_ref().is_some_and(|slot| slot.ready())).then(guard::new_token);
-        let sql = outcome::xid_question(assign, token.as_deref(), self.server_identity.is_none());
+        let (sql, token) = self.xid_question();
         frame::write_frame(&mut self.to_server, Some(b'Q'), |body| {
             body.extend_from_slice(sql.as_bytes());
             body.extend_from_slice(&[0]);
@@ -883,16 +879,23 @@ impl Flow {
         }));
     }
 
+    /// The text of the question, and the commit-guard token it inserts.
+    fn xid_question(&mut self) -> (String, Option<String>) {
+        let assign = std::mem::take(&mut self.may_have_written);
+        // Only a transaction that may have written needs the guard row.
+        let token =
+            (assign && self.guard.as_ref().is_some_and(|slot| slot.ready())).then(guard::new_token);
+        let sql = outcome::xid_question(assign, token.as_deref(), self.server_identity.is_none());
+        (sql, token)
+    }
+
     /// The same question for a COMMIT executed in the extended protocol:
     /// Parse, Bind, Execute and Close of a statement and portal of
     /// Reprise's own, placed in the client's batch just before its
     /// Execute, so that no round trip is added and the client's unnamed
     /// statement and portal stay as they are.
     fn ask_xid_extended(&mut self) {
-        let assign = std::mem::take(&mut self.may_have_written);
-        let token =
-            (assign && self.guard.as_ref().is_some_and(|slot| slot.ready())).then(guard::new_token);
-        let sql = outcome::xid_question(assign, token.as_deref(), self.server_identity.is_none());
+        let (sql, token) = self.xid_question();
         let statement = self.unused_statement_name(b"reprise_xid");
         let mut portal = b"reprise_xid".to_vec();
         while self.portals.contains(&portal) {
