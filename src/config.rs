@@ -334,6 +334,12 @@ pub struct Config {
     /// restart can still be settled. Applies to sessions that start after
     /// a reload.
     pub commit_guard: bool,
+    /// Run an autocommit statement that may write (INSERT, UPDATE, DDL …)
+    /// inside a transaction block of Reprise's own, so that its outcome
+    /// can be settled like a COMMIT's when its answer is lost; without
+    /// it such a statement gets 08007. Applies to sessions that start
+    /// after a reload.
+    pub wrap_autocommit_writes: bool,
     /// How often every backend is asked whether it is writable and on
     /// which timeline, so that a failover chooses at once; zero turns the
     /// background checks off (sessions then ask during a failover).
@@ -371,6 +377,7 @@ impl Default for Config {
             failover_budget: HumanDuration(Duration::from_secs(30)),
             replay_terminated: true,
             commit_guard: false,
+            wrap_autocommit_writes: false,
             health_check_period: HumanDuration(Duration::from_secs(1)),
             health_check_user: None,
             health_check_database: "postgres".to_owned(),

@@ -122,6 +122,9 @@ counters! {
     failovers_failed,
     /// Commands replayed onto new server connections.
     commands_replayed,
+    /// Autocommit writes run inside a transaction block of Reprise's own
+    /// (`wrap_autocommit_writes`).
+    autocommit_writes_wrapped,
 }
 
 #[cfg(test)]

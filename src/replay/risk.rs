@@ -99,6 +99,50 @@ fn reads_only(sql: &[u8], options: &LexOptions) -> bool {
         .any(|keyword| lexeme.is_keyword(keyword.as_bytes()))
 }
 
+/// Whether a statement that may write can run inside a transaction block
+/// Reprise opens around it (`wrap_autocommit_writes`) with the result it
+/// has in autocommit mode: plain DML and DDL. Not what PostgreSQL refuses
+/// inside a block (VACUUM, CREATE DATABASE, `… CONCURRENTLY`, ALTER
+/// SYSTEM …), not what behaves otherwise inside one (CALL and DO may
+/// commit, LOCK and DECLARE fail outside a block), and not COPY, whose
+/// data must follow the statement with nothing of Reprise's in between.
+pub fn wrappable(sql: &[u8], options: &LexOptions) -> bool {
+    let mut lexer = Lexer::new(sql, options);
+    let mut words = Vec::with_capacity(4);
+    while words.len() < 4 {
+        match lexer.next() {
+            Some(token) if words.is_empty() && token.lexeme(sql).is_punct(b'(') => {}
+            Some(token) => words.push(token.lexeme(sql)),
+            None => break,
+        }
+    }
+    let Some(first) = words.first() else {
+        return false;
+    };
+    let is = |keyword: &str| first.is_keyword(keyword.as_bytes());
+    let later = |keywords: &[&str]| {
+        words[1..]
+            .iter()
+            .any(|word| keywords.iter().any(|k| word.is_keyword(k.as_bytes())))
+    };
+    const REFUSED_IN_BLOCK: &[&str] = &["database", "tablespace", "subscription", "concurrently"];
+    if [
+        "insert", "update", "delete", "merge", "with", "truncate", "notify", "grant", "revoke",
+    ]
+    .iter()
+    .any(|keyword| is(keyword))
+    {
+        return true;
+    }
+    if is("create") || is("drop") {
+        return !later(REFUSED_IN_BLOCK);
+    }
+    if is("alter") {
+        return !later(REFUSED_IN_BLOCK) && !later(&["system"]);
+    }
+    is("comment") || is("refresh") || is("analyze") || is("analyse")
+}
+
 /// The rest of a COPY statement sends data to the client (`TO STDOUT`),
 /// rather than loading it (`FROM`) or writing a server file.
 fn copies_to_client(mut lexer: Lexer<'_>, sql: &[u8]) -> bool {
@@ -279,6 +323,34 @@ mod tests {
             risk(Effect::Commit { chain: false }, "commit"),
             StatementRisk::Commit
         );
+    }
+
+    #[test]
+    fn only_statements_that_run_alike_in_a_block_are_wrapped() {
+        let wraps = |sql: &str| wrappable(sql.as_bytes(), &LexOptions::default());
+        assert!(wraps("insert into t values (1)"));
+        assert!(wraps("  UPDATE t SET n = n + 1"));
+        assert!(wraps(
+            "with x as (delete from t returning *) select * from x"
+        ));
+        assert!(wraps("create table t (n int)"));
+        assert!(wraps("create unique index on t (n)"));
+        assert!(wraps("alter table t add column m int"));
+        assert!(wraps("drop table t"));
+        assert!(wraps("notify ch"));
+        assert!(!wraps("vacuum t"));
+        assert!(!wraps("create database d"));
+        assert!(!wraps("create index concurrently on t (n)"));
+        assert!(!wraps("create unique index concurrently i on t (n)"));
+        assert!(!wraps("drop index concurrently i"));
+        assert!(!wraps("alter system set work_mem = '1MB'"));
+        assert!(!wraps("drop tablespace s"));
+        assert!(!wraps("call p()"));
+        assert!(!wraps("do $$ begin commit; end $$"));
+        assert!(!wraps("lock table t"));
+        assert!(!wraps("copy t from stdin"));
+        assert!(!wraps("cluster"));
+        assert!(!wraps(""));
     }
 
     #[test]

@@ -16,7 +16,7 @@ use bytes::{Bytes, BytesMut};
 use crate::proxy::Shared;
 use crate::replay::guard;
 use crate::replay::outcome::{self, CommitMark, ServerIdentity};
-use crate::replay::risk::StatementRisk;
+use crate::replay::risk::{self, StatementRisk};
 use crate::session::replay_log::{Completed, ReplayLog};
 use crate::state::effect::{isolation_name, Discard};
 use crate::state::lexer::LexOptions;
@@ -78,9 +78,10 @@ type Row = Vec<Vec<u8>>;
 /// What a client-side name (statement or portal) stands for.
 #[derive(Clone, Debug)]
 enum Target {
-    /// A server object; the effect its execution has, and what running it
-    /// again could do.
-    Server(Effect, StatementRisk),
+    /// A server object; the effect its execution has, what running it
+    /// again could do, and whether Reprise may run it inside a
+    /// transaction block of its own (see [`risk::wrappable`]).
+    Server(Effect, StatementRisk, bool),
     /// A statement of Reprise's own.
     Local(RepriseCommand),
 }
@@ -162,6 +163,15 @@ enum Pending {
     /// Reprise's own question ahead of a COMMIT: the transaction id (see
     /// [`outcome`]).
     Xid(XidQuestion),
+    /// Reprise's own BEGIN ahead of an autocommit write it wraps (see
+    /// [`Wrap`]): answered by ReadyForQuery (simple protocol) or by the
+    /// CloseComplete messages still to come (extended).
+    WrapBegin {
+        closes_left: u8,
+    },
+    /// Reprise's own COMMIT after the wrapped request: its ReadyForQuery
+    /// is the one the client gets.
+    WrapCommit,
     /// Reprise's own reading of the session state (see
     /// [`resync`](crate::state::resync)).
     Probe(Probe),
@@ -184,6 +194,36 @@ struct XidQuestion {
     /// CloseComplete messages still to come (portal, then statement) end
     /// it, not a ReadyForQuery. Zero for a simple Query.
     closes_left: u8,
+    /// Asked for an autocommit write Reprise wrapped.
+    wrapped: bool,
+}
+
+/// An autocommit statement that may write, run inside a transaction
+/// block of Reprise's own (`wrap_autocommit_writes`): BEGIN ahead of it,
+/// the transaction-id question and COMMIT after it, all in the same
+/// write. The client sees the answer autocommit gives: the request's
+/// ReadyForQuery waits for the COMMIT's, and so does the CommandComplete
+/// of a simple Query, which PostgreSQL sends only after the implicit
+/// commit (an error at commit replaces it).
+#[derive(Debug)]
+struct Wrap {
+    /// A simple Query; otherwise an extended batch, up to its Sync.
+    simple: bool,
+    /// The batch's Sync was sent, and the COMMIT after it.
+    synced: bool,
+    /// The server took the BEGIN.
+    begun: bool,
+    /// Something in the batch may have ended the block early (a
+    /// transaction statement of the client's, a Query inside the batch):
+    /// the question's answer proves nothing.
+    void: bool,
+    /// The CommandComplete of a simple Query, held for the COMMIT.
+    held: Option<Bytes>,
+    /// The client's request is answered up to its ReadyForQuery, whose
+    /// status is this.
+    answered: Option<u8>,
+    /// The COMMIT failed; its error went to the client.
+    commit_failed: bool,
 }
 
 #[derive(Debug, Default)]
@@ -282,6 +322,18 @@ pub struct Flow {
     server_identity: Option<ServerIdentity>,
     /// What the last question ahead of a COMMIT learnt.
     commit_mark: Option<CommitMark>,
+    /// Wrap autocommit writes in a transaction block (see [`Wrap`]).
+    wrap_writes: bool,
+    wrap: Option<Wrap>,
+    /// What the client is still owed for a wrapped request whose answer
+    /// the lost server connection held back (see
+    /// [`Flow::forget_own_requests`]).
+    wrapped_tail: Option<BytesMut>,
+    /// An Execute went to the server since the last Sync.
+    executed_since_sync: bool,
+    /// Requests of Reprise's own for the server, after the client frame
+    /// being handled.
+    pub follow: BytesMut,
 }
 
 impl Flow {
@@ -322,7 +374,19 @@ impl Flow {
             may_have_written: false,
             server_identity: None,
             commit_mark: None,
+            wrap_writes: false,
+            wrap: None,
+            wrapped_tail: None,
+            executed_since_sync: false,
+            follow: BytesMut::new(),
         }
+    }
+
+    /// Run autocommit writes inside a transaction block of Reprise's own,
+    /// so that a lost answer to one is settled like a COMMIT's. Needs
+    /// [`learn_commit_xids`](Flow::learn_commit_xids).
+    pub fn wrap_autocommit_writes(&mut self, on: bool) {
+        self.wrap_writes = on;
     }
 
     /// Ask for the transaction id ahead of every COMMIT of an explicit
@@ -393,9 +457,46 @@ impl Flow {
     /// Why the requests in flight cannot be sent again as they are:
     /// requests of Reprise's own whose answers the session was waiting
     /// for. State probes are dropped (the next boundary asks again).
+    ///
+    /// A wrapped autocommit write becomes what the client sent: the
+    /// request alone, as a new connection runs it again. When the client's
+    /// request was answered but for what the COMMIT held back, that rest
+    /// is kept for [`take_wrapped_tail`](Flow::take_wrapped_tail).
     pub fn forget_own_requests(&mut self) -> Result<(), &'static str> {
-        self.queue
-            .retain(|pending| !matches!(pending, Pending::Probe(_) | Pending::Xid(_)));
+        self.queue.retain(|pending| {
+            !matches!(
+                pending,
+                Pending::Probe(_) | Pending::Xid(_) | Pending::WrapBegin { .. }
+            )
+        });
+        self.wrapped_tail = None;
+        let wrap = self.wrap.take();
+        if let Some(at) = self
+            .queue
+            .iter()
+            .position(|pending| matches!(pending, Pending::WrapCommit))
+        {
+            match wrap {
+                Some(wrap) if wrap.answered.is_some() => {
+                    // The request's own ReadyForQuery (and CommandComplete)
+                    // is still to come, from the tail or from a re-run.
+                    self.queue[at] = if wrap.simple {
+                        Pending::Query(VecDeque::new())
+                    } else {
+                        Pending::Sync
+                    };
+                    let mut tail = BytesMut::new();
+                    if let Some(held) = wrap.held.filter(|_| !wrap.commit_failed) {
+                        tail.extend_from_slice(&held);
+                    }
+                    reply::ready_for_query(&mut tail, b'I');
+                    self.wrapped_tail = Some(tail);
+                }
+                _ => {
+                    self.queue.remove(at);
+                }
+            }
+        }
         if self
             .queue
             .iter()
@@ -406,13 +507,28 @@ impl Flow {
         Ok(())
     }
 
+    /// The answer a wrapped autocommit write still owes the client when
+    /// its COMMIT is found committed: its CommandComplete (simple Query)
+    /// and ReadyForQuery.
+    pub fn take_wrapped_tail(&mut self) -> Option<BytesMut> {
+        self.wrapped_tail.take()
+    }
+
     /// Whether the next server frames answer a request of Reprise's own
-    /// (a state probe, a transaction-id question, a template switch): the
-    /// client sees none of them.
+    /// (a state probe, a transaction-id question, a template switch, the
+    /// BEGIN and COMMIT around a wrapped write): the client sees none of
+    /// them.
     pub fn answering_own_request(&self) -> bool {
         matches!(
             self.queue.front(),
-            Some(Pending::Probe(_) | Pending::Xid(_) | Pending::Switch(_) | Pending::Abort)
+            Some(
+                Pending::Probe(_)
+                    | Pending::Xid(_)
+                    | Pending::Switch(_)
+                    | Pending::Abort
+                    | Pending::WrapBegin { .. }
+                    | Pending::WrapCommit
+            )
         )
     }
 
@@ -523,8 +639,19 @@ impl Flow {
             if ask_xid {
                 self.ask_xid();
             }
+            if self.wrap.as_ref().is_some_and(|wrap| !wrap.synced) {
+                // A Query amid a wrapped batch ends Reprise's block early.
+                self.void_wrap();
+            }
+            let wrap = !ask_xid && self.wraps_query(sql, &effects);
+            if wrap {
+                self.begin_wrap(true);
+            }
             self.queue.push_back(Pending::Query(effects.into()));
-            return if ask_xid {
+            if wrap {
+                self.end_wrap();
+            }
+            return if ask_xid || wrap {
                 ClientStep::Precede
             } else {
                 ClientStep::Forward
@@ -592,6 +719,97 @@ impl Flow {
         }
     }
 
+    /// Whether a Query is an autocommit write Reprise wraps: one
+    /// statement that may write and runs alike inside a block, sent with
+    /// nothing in flight outside a transaction.
+    fn wraps_query(&self, sql: &[u8], effects: &[Effect]) -> bool {
+        let [effect] = effects else {
+            return false;
+        };
+        self.may_wrap()
+            && !self.unsynced
+            && !self.requests_in_flight()
+            && self.risks == [StatementRisk::Write]
+            && self.wrappable(effect, sql)
+    }
+
+    /// Wrapping is on, no wrap is under way, and the client's last
+    /// ReadyForQuery said idle.
+    fn may_wrap(&self) -> bool {
+        self.wrap_writes
+            && self.learn_commit_xids
+            && self.wrap.is_none()
+            && self.status == b'I'
+            && !self.skip_to_sync
+    }
+
+    /// [`risk::wrappable`], for EXECUTE of the statement it runs.
+    fn wrappable(&self, effect: &Effect, sql: &[u8]) -> bool {
+        let options = self.tracker.lex_options();
+        match effect {
+            Effect::Execute(name) => self
+                .tracker
+                .prepared_body(name)
+                .is_some_and(|(_, text)| risk::wrappable(text, options)),
+            _ => risk::wrappable(sql, options),
+        }
+    }
+
+    /// Queues Reprise's BEGIN ahead of the client frame being handled.
+    fn begin_wrap(&mut self, simple: bool) {
+        if simple {
+            frame::write_frame(&mut self.to_server, Some(b'Q'), |body| {
+                body.extend_from_slice(b"BEGIN\0");
+            });
+        } else {
+            self.own_extended("BEGIN");
+        }
+        self.stats.autocommit_writes_wrapped.inc();
+        self.queue.push_back(Pending::WrapBegin {
+            closes_left: if simple { 0 } else { 2 },
+        });
+        self.wrap = Some(Wrap {
+            simple,
+            synced: false,
+            begun: false,
+            void: false,
+            held: None,
+            answered: None,
+            commit_failed: false,
+        });
+    }
+
+    /// Queues the transaction-id question and Reprise's COMMIT right after
+    /// the client frame that ends the wrapped request.
+    fn end_wrap(&mut self) {
+        let (sql, token) = self.xid_question(true);
+        for text in [sql.as_str(), "COMMIT"] {
+            frame::write_frame(&mut self.follow, Some(b'Q'), |body| {
+                body.extend_from_slice(text.as_bytes());
+                body.extend_from_slice(&[0]);
+            });
+        }
+        self.queue.push_back(Pending::Xid(XidQuestion {
+            seq: self.replay.next_command_seq(),
+            token,
+            answer: None,
+            failed: false,
+            closes_left: 0,
+            wrapped: true,
+        }));
+        self.queue.push_back(Pending::WrapCommit);
+        if let Some(wrap) = &mut self.wrap {
+            wrap.synced = true;
+        }
+    }
+
+    /// The wrap under way can no longer vouch for the outcome.
+    fn void_wrap(&mut self) {
+        if let Some(wrap) = &mut self.wrap {
+            wrap.void = true;
+        }
+    }
+
     fn parse(&mut self, message: &[u8]) -> ClientStep {
         let Some(fields) = frontend::parse_fields(message) else {
             return ClientStep::Forward;
@@ -617,10 +835,12 @@ impl Flow {
             return ClientStep::Drop;
         }
         self.credential = effect == Effect::Credential;
-        let risk = StatementRisk::of(&effect, fields.query, self.tracker.lex_options());
+        let options = self.tracker.lex_options();
+        let risk = StatementRisk::of(&effect, fields.query, options);
+        let wrappable = risk::wrappable(fields.query, options);
         let previous = self
             .statements
-            .insert(&name, Target::Server(effect.clone(), risk));
+            .insert(&name, Target::Server(effect.clone(), risk, wrappable));
         self.unsynced = true;
         self.queue.push_back(Pending::Parse {
             name,
@@ -664,6 +884,7 @@ impl Flow {
                     Target::Server(
                         Effect::Execute(Bytes::copy_from_slice(statement)),
                         StatementRisk::Write,
+                        false,
                     )
                 });
                 self.portals.insert(portal, target);
@@ -727,12 +948,22 @@ impl Flow {
                 ClientStep::Drop
             }
             target => {
-                let (effect, risk) = match target {
-                    Some(Target::Server(effect, risk)) => (effect.clone(), *risk),
-                    _ => (Effect::Unknown, StatementRisk::Write),
+                let (effect, risk, wrappable) = match target {
+                    Some(Target::Server(effect, risk, wrappable)) => {
+                        (effect.clone(), *risk, *wrappable)
+                    }
+                    _ => (Effect::Unknown, StatementRisk::Write, false),
                 };
                 self.risks.push(risk);
                 self.unsynced = true;
+                let first_execute = !std::mem::replace(&mut self.executed_since_sync, true);
+                if self.wrap.as_ref().is_some_and(|wrap| !wrap.synced)
+                    && !matches!(risk, StatementRisk::Write | StatementRisk::Harmless)
+                {
+                    // The client's own transaction statement would end or
+                    // nest in Reprise's block.
+                    self.void_wrap();
+                }
                 // Only where the transaction is known to be open and
                 // healthy: nothing of the question can fail then, which
                 // would make the server skip the client's Execute.
@@ -749,11 +980,31 @@ impl Flow {
                                 | Pending::Close { .. }
                         )
                     });
+                // The first Execute of a batch sent when idle: the batch's
+                // implicit transaction becomes Reprise's block, committed
+                // after the batch's Sync.
+                let wrap = !ask_xid
+                    && wrappable
+                    && risk == StatementRisk::Write
+                    && first_execute
+                    && self.may_wrap()
+                    && self.queue.iter().all(|pending| {
+                        matches!(
+                            pending,
+                            Pending::Parse { .. }
+                                | Pending::Bind
+                                | Pending::Describe
+                                | Pending::Close { .. }
+                        )
+                    });
                 if ask_xid {
                     self.ask_xid_extended();
                 }
+                if wrap {
+                    self.begin_wrap(false);
+                }
                 self.queue.push_back(Pending::Execute(effect));
-                if ask_xid {
+                if ask_xid || wrap {
                     ClientStep::Precede
                 } else {
                     ClientStep::Forward
@@ -789,6 +1040,7 @@ impl Flow {
 
     fn sync(&mut self) -> ClientStep {
         self.skip_to_sync = false;
+        self.executed_since_sync = false;
         let local_only = self.local_since_sync && !self.unsynced;
         self.local_since_sync = false;
         self.unsynced = false;
@@ -797,6 +1049,9 @@ impl Flow {
             return ClientStep::Drop;
         }
         self.queue.push_back(Pending::Sync);
+        if self.wrap.as_ref().is_some_and(|wrap| !wrap.synced) {
+            self.end_wrap();
+        }
         ClientStep::Forward
     }
 
@@ -865,7 +1120,7 @@ impl Flow {
     /// Queues the question for the transaction id ahead of the COMMIT the
     /// client is sending.
     fn ask_xid(&mut self) {
-        let (sql, token) = self.xid_question();
+        let (sql, token) = self.xid_question(false);
         frame::write_frame(&mut self.to_server, Some(b'Q'), |body| {
             body.extend_from_slice(sql.as_bytes());
             body.extend_from_slice(&[0]);
@@ -876,12 +1131,14 @@ impl Flow {
             answer: None,
             failed: false,
             closes_left: 0,
+            wrapped: false,
         }));
     }
 
-    /// The text of the question, and the commit-guard token it inserts.
-    fn xid_question(&mut self) -> (String, Option<String>) {
-        let assign = std::mem::take(&mut self.may_have_written);
+    /// The text of the question, and the commit-guard token it inserts;
+    /// `writes`: the transaction holds a statement that may write.
+    fn xid_question(&mut self, writes: bool) -> (String, Option<String>) {
+        let assign = std::mem::take(&mut self.may_have_written) || writes;
         // Only a transaction that may have written needs the guard row.
         let token =
             (assign && self.guard.as_ref().is_some_and(|slot| slot.ready())).then(guard::new_token);
@@ -895,9 +1152,25 @@ impl Flow {
     /// Execute, so that no round trip is added and the client's unnamed
     /// statement and portal stay as they are.
     fn ask_xid_extended(&mut self) {
-        let (sql, token) = self.xid_question();
-        let statement = self.unused_statement_name(b"reprise_xid");
-        let mut portal = b"reprise_xid".to_vec();
+        let (sql, token) = self.xid_question(false);
+        self.own_extended(&sql);
+        self.queue.push_back(Pending::Xid(XidQuestion {
+            seq: self.replay.next_command_seq(),
+            token,
+            answer: None,
+            failed: false,
+            closes_left: 2,
+            wrapped: false,
+        }));
+    }
+
+    /// Parse, Bind, Execute and Close of `sql` as a statement and portal
+    /// of Reprise's own, for the server ahead of the client frame being
+    /// handled. Answered by ParseComplete, BindComplete, the statement's
+    /// own answer and two CloseComplete.
+    fn own_extended(&mut self, sql: &str) {
+        let statement = self.unused_statement_name(b"reprise_own");
+        let mut portal = b"reprise_own".to_vec();
         while self.portals.contains(&portal) {
             portal.push(b'_');
         }
@@ -926,13 +1199,6 @@ impl Flow {
                 body.extend_from_slice(&[0]);
             });
         }
-        self.queue.push_back(Pending::Xid(XidQuestion {
-            seq: self.replay.next_command_seq(),
-            token,
-            answer: None,
-            failed: false,
-            closes_left: 2,
-        }));
     }
 
     /// Answers to the question for the transaction id: consumed, except
@@ -999,6 +1265,24 @@ impl Flow {
             return;
         };
         self.commit_mark = None;
+        if question.wrapped {
+            match &self.wrap {
+                Some(wrap) if wrap.begun && !wrap.void => {
+                    if wrap.answered == Some(b'E') {
+                        // The wrapped statement failed: the block can only
+                        // roll back, and the question failed with it.
+                        self.commit_mark = Some(CommitMark {
+                            seq: question.seq,
+                            xid: None,
+                            identity: self.server_identity.clone(),
+                            guard: None,
+                        });
+                        return;
+                    }
+                }
+                _ => return,
+            }
+        }
         if let (Some((xid, guarded, identity)), false) = (question.answer, question.failed) {
             if identity.is_some() {
                 self.server_identity = identity;
@@ -1108,8 +1392,11 @@ impl Flow {
                     .prepared_effect(name)
                     .cloned()
                     .unwrap_or(Effect::Unknown);
-                let risk = StatementRisk::of(&effect, &statement.query, self.tracker.lex_options());
-                self.statements.insert(name, Target::Server(effect, risk));
+                let options = self.tracker.lex_options();
+                let risk = StatementRisk::of(&effect, &statement.query, options);
+                let wrappable = risk::wrappable(&statement.query, options);
+                self.statements
+                    .insert(name, Target::Server(effect, risk, wrappable));
             }
         }
     }
@@ -1455,7 +1742,13 @@ impl Flow {
             Some(Pending::Switch(_)) => return self.switch_frame(tag, message),
             Some(Pending::Probe(_)) => return self.probe_frame(tag, message),
             Some(Pending::Xid(_)) => return self.xid_frame(tag, message),
+            Some(Pending::WrapBegin { .. } | Pending::WrapCommit) => {
+                return self.wrap_frame(tag, message)
+            }
             _ => {}
+        }
+        if let Some(step) = self.held_for_wrap(tag, message) {
+            return step;
         }
         match tag {
             b'Z' => {
@@ -1531,6 +1824,109 @@ impl Flow {
         }
         self.drain_local();
         ServerStep::Forward
+    }
+
+    /// The end of a wrapped request's answer, which waits for the COMMIT:
+    /// the CommandComplete of a simple Query and the ReadyForQuery.
+    fn held_for_wrap(&mut self, tag: u8, message: &[u8]) -> Option<ServerStep> {
+        let wrap = self.wrap.as_ref()?;
+        if wrap.answered.is_some() {
+            return None;
+        }
+        let simple = wrap.simple;
+        match (tag, self.queue.front_mut()?) {
+            (b'C', Pending::Query(effects)) if simple => {
+                let effect = effects.pop_front().unwrap_or(Effect::None);
+                self.tracker.statement_done(&effect);
+                self.forget_statements(&effect);
+                if let Some(wrap) = &mut self.wrap {
+                    wrap.held = Some(Bytes::copy_from_slice(message));
+                }
+            }
+            (b'Z', Pending::Query(_) | Pending::Sync) => {
+                self.queue.pop_front();
+                if let Some(wrap) = &mut self.wrap {
+                    wrap.answered = Some(server_msg::ready_status(message).unwrap_or(b'I'));
+                }
+                self.drain_local();
+            }
+            _ => return None,
+        }
+        Some(ServerStep::Consume)
+    }
+
+    /// Answers to Reprise's BEGIN and COMMIT around a wrapped request:
+    /// consumed, except what the server sends on its own and an error of
+    /// the COMMIT, which is the client's (autocommit would have given
+    /// it). The COMMIT's ReadyForQuery ends the client's request.
+    fn wrap_frame(&mut self, tag: u8, message: &[u8]) -> ServerStep {
+        if tag == b'E' && server_msg::error_summary(message).is_fatal() {
+            return ServerStep::Forward;
+        }
+        let begun = self.wrap.as_ref().is_some_and(|wrap| wrap.begun);
+        match self.queue.front_mut() {
+            Some(Pending::WrapBegin { closes_left }) => match tag {
+                b'E' if *closes_left > 0 => {
+                    // The server now skips the rest of the batch, the
+                    // client's Execute included.
+                    self.queue.pop_front();
+                    self.void_wrap();
+                    return self.error();
+                }
+                b'E' => self.void_wrap(),
+                b'A' | b'N' => return ServerStep::Forward,
+                b'C' => {
+                    if let Some(wrap) = &mut self.wrap {
+                        wrap.begun = true;
+                    }
+                }
+                b'3' if *closes_left > 0 => {
+                    *closes_left -= 1;
+                    if *closes_left == 0 {
+                        self.queue.pop_front();
+                    }
+                }
+                b'Z' => {
+                    self.queue.pop_front();
+                    self.drain_local();
+                }
+                _ => {}
+            },
+            Some(Pending::WrapCommit) => match tag {
+                b'E' => {
+                    if let Some(wrap) = &mut self.wrap {
+                        wrap.commit_failed = true;
+                    }
+                    return ServerStep::Forward;
+                }
+                // Without a block, the COMMIT only warns that there is none.
+                b'A' => return ServerStep::Forward,
+                b'N' if begun => return ServerStep::Forward,
+                b'Z' => {
+                    self.queue.pop_front();
+                    self.finish_wrap(server_msg::ready_status(message).unwrap_or(b'I'));
+                }
+                _ => {}
+            },
+            _ => return ServerStep::Forward,
+        }
+        ServerStep::Consume
+    }
+
+    /// The wrapped request is over: the client gets what was held back
+    /// and the COMMIT's ReadyForQuery.
+    fn finish_wrap(&mut self, status: u8) {
+        let Some(wrap) = self.wrap.take() else {
+            return;
+        };
+        self.status = status;
+        if let Some(held) = wrap.held.filter(|_| !wrap.commit_failed) {
+            self.replay.server_message(b'C', &held);
+            self.to_client.extend_from_slice(&held);
+        }
+        reply::ready_for_query(&mut self.to_client, status);
+        self.ready();
+        self.drain_local();
     }
 
     /// CopyInResponse to an extended-protocol Execute: the Syncs the client

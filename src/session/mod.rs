@@ -212,6 +212,7 @@ where
             config.max_replay_log(),
         );
         flow.learn_commit_xids(config.failover);
+        flow.wrap_autocommit_writes(config.failover && config.wrap_autocommit_writes);
         if config.failover && config.commit_guard {
             flow.use_guard(Some(shared.guards.slot(
                 &backend,
@@ -383,6 +384,13 @@ where
                     self.relay.hold_client = true;
                     break;
                 }
+            }
+            if !self.flow.follow.is_empty() {
+                // Reprise's own requests go right after this frame.
+                self.forward_client_run(run_end);
+                run_end = 0;
+                let chunk = self.flow.follow.split().freeze();
+                self.relay.to_server.push(chunk);
             }
             if !self.flow.to_server.is_empty() || !self.flow.to_client.is_empty() {
                 self.forward_client_run(run_end);

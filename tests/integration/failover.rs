@@ -12,7 +12,7 @@ use crate::support::{
 };
 
 /// Terminates server process `pid` and waits until it is gone.
-async fn terminate(observer: &Client, pid: i32) {
+pub async fn terminate(observer: &Client, pid: i32) {
     let terminated = scalar(observer, &format!("select pg_terminate_backend({pid})")).await;
     assert_eq!(terminated, "t", "server process {pid} exists");
     eventually(
@@ -30,7 +30,7 @@ async fn terminate(observer: &Client, pid: i32) {
     .await;
 }
 
-async fn server_pid(client: &Client) -> i32 {
+pub async fn server_pid(client: &Client) -> i32 {
     scalar(client, "select pg_backend_pid()")
         .await
         .parse()
@@ -457,7 +457,7 @@ async fn replay_terminated_off_passes_pg_terminate_backend_through() {
 
 /// Waits until server process `pid` is running a statement and waits on
 /// `wait_event` (any wait when `None`).
-async fn wait_until_active(observer: &Client, pid: i32, wait_event: Option<&str>) {
+pub async fn wait_until_active(observer: &Client, pid: i32, wait_event: Option<&str>) {
     let condition = match wait_event {
         Some(event) => format!("and wait_event = '{event}'"),
         None => String::new(),

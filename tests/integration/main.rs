@@ -17,3 +17,4 @@ mod relay;
 mod restore_plan;
 mod state_truth;
 mod support;
+mod wrapped_writes;
