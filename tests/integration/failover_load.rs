@@ -35,12 +35,23 @@ impl Pgbench {
     }
 
     fn start(pgbench: &Path, proxy_port: u16) -> Pgbench {
-        Pgbench::start_with(pgbench, proxy_port, "simple", SECONDS)
+        Pgbench::start_with(pgbench, proxy_port, "simple", SECONDS, None)
     }
 
-    /// With query mode `mode` (pgbench -M) for `seconds`.
-    fn start_with(pgbench: &Path, proxy_port: u16, mode: &str, seconds: u64) -> Pgbench {
-        let child = Command::new(pgbench)
+    /// With query mode `mode` (pgbench -M) for `seconds`, running
+    /// `script` instead of the built-in TPC-B when given.
+    fn start_with(
+        pgbench: &Path,
+        proxy_port: u16,
+        mode: &str,
+        seconds: u64,
+        script: Option<&Path>,
+    ) -> Pgbench {
+        let mut command = Command::new(pgbench);
+        if let Some(script) = script {
+            command.arg("-f").arg(script);
+        }
+        let child = command
             .args(["-n", "-c", CLIENTS, "-j", "2", "-M", mode, "-T"])
             .arg(seconds.to_string())
             .args(["-h", "127.0.0.1", "-p"])
@@ -108,24 +119,66 @@ async fn check_the_bank(server: &Client, processed: u64) {
     );
 }
 
+/// TPC-B's statements without its BEGIN and END: each one an autocommit
+/// write (or read) of its own.
+const AUTOCOMMIT_TPCB: &str = "\\set aid random(1, 100000 * :scale)
+\\set bid random(1, 1 * :scale)
+\\set tid random(1, 10 * :scale)
+\\set delta random(-5000, 5000)
+UPDATE pgbench_accounts SET abalance = abalance + :delta WHERE aid = :aid;
+SELECT abalance FROM pgbench_accounts WHERE aid = :aid;
+UPDATE pgbench_tellers SET tbalance = tbalance + :delta WHERE tid = :tid;
+UPDATE pgbench_branches SET bbalance = bbalance + :delta WHERE bid = :bid;
+INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (:tid, :bid, :aid, :delta, CURRENT_TIMESTAMP);
+";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgbench_tpcb_survives_terminations_every_two_seconds() {
-    terminations_every_two_seconds("simple", SECONDS).await;
+    terminations_every_two_seconds("simple", SECONDS, false).await;
 }
 
 /// The same with prepared statements: every statement, END included,
 /// goes through the extended protocol.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgbench_tpcb_prepared_survives_terminations_every_two_seconds() {
-    terminations_every_two_seconds("prepared", SECONDS / 2).await;
+    terminations_every_two_seconds("prepared", SECONDS / 2, false).await;
 }
 
-async fn terminations_every_two_seconds(mode: &str, seconds: u64) {
-    let harness = Harness::start().await;
+/// TPC-B's statements in autocommit mode, with `wrap_autocommit_writes`:
+/// a write whose answer a termination took is settled, never run twice,
+/// never failed. (Without the setting pgbench's clients abort with
+/// 08007.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_autocommit_writes_survive_terminations_every_two_seconds() {
+    terminations_every_two_seconds("simple", SECONDS / 2, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_prepared_autocommit_writes_survive_terminations_every_two_seconds() {
+    terminations_every_two_seconds("prepared", SECONDS / 3, true).await;
+}
+
+/// pgbench in query mode `mode` for `seconds` while its server processes
+/// are terminated every two seconds: TPC-B, or with `autocommit` its
+/// statements as autocommit writes with `wrap_autocommit_writes` on.
+async fn terminations_every_two_seconds(mode: &str, seconds: u64, autocommit: bool) {
+    let harness = Harness::start_with(Options::default(), |config| {
+        config.wrap_autocommit_writes = autocommit;
+    })
+    .await;
     let (observer, _) = harness.connect_direct().await;
     let pgbench = harness.cluster.install().bin("pgbench");
     Pgbench::init(&pgbench, harness.cluster.host(), harness.cluster.port());
-    let mut run = Pgbench::start_with(&pgbench, harness.proxy.port(), mode, seconds);
+    let script_dir = tempfile::tempdir().expect("tempdir");
+    let script = script_dir.path().join("autocommit-tpcb.sql");
+    std::fs::write(&script, AUTOCOMMIT_TPCB).expect("script");
+    let mut run = Pgbench::start_with(
+        &pgbench,
+        harness.proxy.port(),
+        mode,
+        seconds,
+        autocommit.then_some(script.as_path()),
+    );
     let mut rounds = 0u32;
     let mut terminated = 0u64;
     loop {
@@ -160,6 +213,12 @@ async fn terminations_every_two_seconds(mode: &str, seconds: u64) {
         "sessions were carried over: {stats:?}"
     );
     assert_eq!(stats["failovers_failed"], 0, "{stats:?}");
+    if autocommit {
+        assert!(
+            stats["autocommit_writes_wrapped"] >= processed * 4,
+            "every write was wrapped: {stats:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
