@@ -43,16 +43,19 @@ pub fn xid_question(assign: bool, guard: Option<&str>, identity: bool) -> String
         sql.push_str(&guard::insert_expression(token));
     }
     if identity {
-        sql.push_str(
-            ", s.system_identifier::pg_catalog.text, \
-             CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL \
-                  ELSE pg_catalog.substr(pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_lsn()), 1, 8) END, \
-             pg_catalog.pg_postmaster_start_time()::pg_catalog.text \
-             FROM pg_catalog.pg_control_system() s",
-        );
+        sql.push_str(", ");
+        sql.push_str(IDENTITY);
     }
     sql
 }
+
+/// The last columns of a question that names the server: system
+/// identifier, timeline (NULL on a standby) and postmaster start.
+const IDENTITY: &str = "s.system_identifier::pg_catalog.text, \
+     CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL \
+          ELSE pg_catalog.substr(pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_lsn()), 1, 8) END, \
+     pg_catalog.pg_postmaster_start_time()::pg_catalog.text \
+     FROM pg_catalog.pg_control_system() s";
 
 /// Which server, and which life of it, a connection talks to.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -103,6 +106,10 @@ pub struct CommitMark {
     pub identity: Option<ServerIdentity>,
     /// The commit-guard token the transaction inserted, if it did.
     pub guard: Option<String>,
+    /// The question's answer arrived and `xid` is what it said; otherwise
+    /// the connection was cut before it, and only a token found in the
+    /// guard table proves anything (that the COMMIT committed).
+    pub answered: bool,
 }
 
 /// What became of the transaction.
@@ -139,6 +146,11 @@ pub async fn settle(
     }
     match guard::committed(stream, inbox, token, max_message_size).await? {
         Ok(true) => Ok(Verdict::Committed),
+        // The guard swallows its own errors: a token whose insert was not
+        // confirmed proves something only by being there.
+        Ok(false) if !mark.answered => Ok(Verdict::Unknown(format!(
+            "{reason}, and the commit-guard row is absent, which does not prove that the transaction did not commit"
+        ))),
         Ok(false) => Ok(Verdict::Aborted),
         Err(problem) => Ok(Verdict::Unknown(format!("{reason}; {problem}"))),
     }
@@ -152,16 +164,16 @@ async fn settle_by_id(
     old_process_id: i32,
     max_message_size: usize,
 ) -> Result<Verdict, String> {
+    if !mark.answered {
+        return Ok(Verdict::Unknown(
+            "the answer to the question for the transaction id was cut off with the connection"
+                .to_owned(),
+        ));
+    }
     let Some(xid) = mark.xid else {
         return Ok(Verdict::Aborted);
     };
-    let question = format!(
-        "SELECT pg_catalog.txid_status({xid})::pg_catalog.text, s.system_identifier::pg_catalog.text, \
-         CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL \
-              ELSE pg_catalog.substr(pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_lsn()), 1, 8) END, \
-         pg_catalog.pg_postmaster_start_time()::pg_catalog.text \
-         FROM pg_catalog.pg_control_system() s"
-    );
+    let question = format!("SELECT pg_catalog.txid_status({xid})::pg_catalog.text, {IDENTITY}");
     for _ in 0..IN_PROGRESS_ROUNDS {
         let rows = match simple_query(stream, inbox, &question, max_message_size).await {
             Ok(rows) => rows,

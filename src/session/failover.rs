@@ -368,7 +368,13 @@ where
         // what the COMMIT held back.
         let wrapped = self.flow.take_wrapped_tail();
         let (mut answer, answered) = match wrapped {
-            Some(tail) => (tail, 0),
+            Some(Some(tail)) => (tail, 0),
+            Some(None) => {
+                return Err(Failure::refused(
+                    Cause::NonRecoverableState,
+                    "the write committed, but the rest of its answer was lost with the connection",
+                ))
+            }
             None => {
                 let answer = self
                     .flow
@@ -474,11 +480,17 @@ where
         }
         // Only the oldest command in flight can be a COMMIT worth settling:
         // answers come in order, so nothing after it was answered either.
-        let mark = replay
-            .in_flight()
-            .next()
-            .and_then(|command| self.flow.commit_mark(command.seq))
-            .cloned();
+        let oldest = replay.in_flight().next().map(|command| command.seq);
+        let mark = oldest
+            .and_then(|seq| self.flow.commit_mark(seq))
+            .cloned()
+            .or_else(|| {
+                // Its question was cut off: the guard token may still tell.
+                (!said_fatal)
+                    .then(|| self.flow.unanswered_commit_mark())
+                    .flatten()
+                    .filter(|mark| Some(mark.seq) == oldest)
+            });
         // The question ahead of a COMMIT was not answered before the
         // server's last word: the COMMIT never ran.
         let not_run = said_fatal

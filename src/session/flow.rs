@@ -328,7 +328,9 @@ pub struct Flow {
     /// What the client is still owed for a wrapped request whose answer
     /// the lost server connection held back (see
     /// [`Flow::forget_own_requests`]).
-    wrapped_tail: Option<BytesMut>,
+    /// `Some(None)`: the rest of that answer was lost with the
+    /// connection.
+    wrapped_tail: Option<Option<BytesMut>>,
     /// An Execute went to the server since the last Sync.
     executed_since_sync: bool,
     /// Requests of Reprise's own for the server, after the client frame
@@ -416,6 +418,30 @@ impl Flow {
         })
     }
 
+    /// What is known of the COMMIT behind a question the lost connection
+    /// left unanswered, when the question inserts a guard token: the
+    /// token (found in the guard table, it proves the commit), and the
+    /// server when an earlier question learnt it.
+    pub fn unanswered_commit_mark(&self) -> Option<CommitMark> {
+        let question = self.queue.iter().find_map(|pending| match pending {
+            Pending::Xid(question) => Some(question),
+            _ => None,
+        })?;
+        // A wrap the client's own statements may have ended early proves
+        // nothing; an unanswered BEGIN did not fail (it would have said
+        // so), so either all of it ran or none.
+        if question.wrapped && self.wrap.as_ref().is_none_or(|wrap| wrap.void) {
+            return None;
+        }
+        Some(CommitMark {
+            seq: question.seq,
+            xid: None,
+            identity: self.server_identity.clone(),
+            guard: Some(question.token.clone()?),
+            answered: false,
+        })
+    }
+
     /// The session moved to another server connection: what was learnt
     /// about the old one no longer holds.
     pub fn server_changed(&mut self) {
@@ -490,10 +516,11 @@ impl Flow {
                         tail.extend_from_slice(&held);
                     }
                     reply::ready_for_query(&mut tail, b'I');
-                    self.wrapped_tail = Some(tail);
+                    self.wrapped_tail = Some(Some(tail));
                 }
                 _ => {
                     self.queue.remove(at);
+                    self.wrapped_tail = Some(None);
                 }
             }
         }
@@ -509,8 +536,9 @@ impl Flow {
 
     /// The answer a wrapped autocommit write still owes the client when
     /// its COMMIT is found committed: its CommandComplete (simple Query)
-    /// and ReadyForQuery.
-    pub fn take_wrapped_tail(&mut self) -> Option<BytesMut> {
+    /// and ReadyForQuery; `Some(None)` when the server's answer to the
+    /// write itself was cut off. `None`: no wrapped write was in flight.
+    pub fn take_wrapped_tail(&mut self) -> Option<Option<BytesMut>> {
         self.wrapped_tail.take()
     }
 
@@ -1276,6 +1304,7 @@ impl Flow {
                             xid: None,
                             identity: self.server_identity.clone(),
                             guard: None,
+                            answered: true,
                         });
                         return;
                     }
@@ -1292,6 +1321,7 @@ impl Flow {
                 xid,
                 identity: self.server_identity.clone(),
                 guard: question.token.filter(|_| guarded),
+                answered: true,
             });
         }
     }

@@ -163,7 +163,7 @@ pub async fn connect(
 ) -> (Client, tokio::sync::mpsc::UnboundedReceiver<AsyncMessage>) {
     let (client, mut connection) = tokio_postgres::connect(conn_str, NoTls)
         .await
-        .unwrap_or_else(|err| panic!("connect {conn_str}: {err}"));
+        .unwrap_or_else(|err| panic!("connect {conn_str}: {err:?}"));
     let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
