@@ -12,6 +12,7 @@ compile_error!(
     "the fault-injection feature is for tests: it cannot be built without debug assertions"
 );
 
+pub mod auth;
 pub mod backend;
 pub mod config;
 pub mod datadir;
