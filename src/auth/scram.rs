@@ -38,7 +38,8 @@ fn fail<T>(problem: impl Into<String>) -> Result<T, ScramError> {
 }
 
 fn hmac(key: &[u8], parts: &[&[u8]]) -> Key {
-    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(key).expect("HMAC takes any key length");
+    let mut mac =
+        <Hmac<Sha256> as KeyInit>::new_from_slice(key).expect("HMAC takes any key length");
     for part in parts {
         mac.update(part);
     }
@@ -120,9 +121,9 @@ impl Verifier {
         let rest = text
             .strip_prefix("SCRAM-SHA-256$")
             .ok_or_else(|| ScramError("not a SCRAM-SHA-256 verifier".to_owned()))?;
-        let (params, keys) = rest
-            .split_once('$')
-            .ok_or_else(|| ScramError("expected <iterations>:<salt>$<StoredKey>:<ServerKey>".to_owned()))?;
+        let (params, keys) = rest.split_once('$').ok_or_else(|| {
+            ScramError("expected <iterations>:<salt>$<StoredKey>:<ServerKey>".to_owned())
+        })?;
         let (iterations, salt) = params
             .split_once(':')
             .ok_or_else(|| ScramError("expected <iterations>:<salt>".to_owned()))?;
@@ -201,7 +202,10 @@ fn attribute<'a>(part: Option<&'a str>, name: char) -> Result<&'a str, ScramErro
     let part = part.ok_or_else(|| ScramError(format!("missing attribute '{name}'")))?;
     let mut chars = part.chars();
     if chars.next() != Some(name) || chars.next() != Some('=') {
-        return fail(format!("expected attribute '{name}', got {:?}", truncate(part)));
+        return fail(format!(
+            "expected attribute '{name}', got {:?}",
+            truncate(part)
+        ));
     }
     Ok(&part[2..])
 }
@@ -211,7 +215,10 @@ fn truncate(text: &str) -> String {
 }
 
 fn printable(text: &str) -> bool {
-    !text.is_empty() && text.bytes().all(|b| (0x21..=0x7e).contains(&b) && b != b',')
+    !text.is_empty()
+        && text
+            .bytes()
+            .all(|b| (0x21..=0x7e).contains(&b) && b != b',')
 }
 
 /// The server side, as PostgreSQL's auth-scram.c: one exchange per
@@ -424,7 +431,10 @@ pub struct ClientExchange {
 #[derive(Debug)]
 enum ClientState {
     SentFirst,
-    SentFinal { server_key: Key, auth_message: String },
+    SentFinal {
+        server_key: Key,
+        auth_message: String,
+    },
     Done,
 }
 
@@ -481,12 +491,18 @@ impl ClientExchange {
             .parse()
             .ok()
             .filter(|count| *count > 0)
-            .ok_or_else(|| ScramError("server iteration count is not a positive number".to_owned()))?;
+            .ok_or_else(|| {
+                ScramError("server iteration count is not a positive number".to_owned())
+            })?;
         let (client_key, stored_key, server_key) = match &self.secret {
             ScramSecret::Password(password) => {
                 let salted = salted_password(password, &salt, iterations);
                 let client_key = hmac(&salted, &[b"Client Key"]);
-                (client_key, sha256(&client_key), hmac(&salted, &[b"Server Key"]))
+                (
+                    client_key,
+                    sha256(&client_key),
+                    hmac(&salted, &[b"Server Key"]),
+                )
             }
             ScramSecret::ClientKey { key, verifier } => {
                 if verifier.salt != salt || verifier.iterations != iterations {
@@ -526,7 +542,9 @@ impl ClientExchange {
             .map_err(|_| ScramError("server signature is not base64".to_owned()))?;
         let expected = hmac(&server_key, &[auth_message.as_bytes()]);
         if !bool::from(signature.as_slice().ct_eq(&expected)) {
-            return fail("server signature does not verify: the server does not know this user's verifier");
+            return fail(
+                "server signature does not verify: the server does not know this user's verifier",
+            );
         }
         Ok(())
     }
@@ -593,7 +611,10 @@ mod tests {
         let done = server
             .client_final(b"c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=")
             .expect("proof verifies");
-        assert_eq!(done.message, "v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=");
+        assert_eq!(
+            done.message,
+            "v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4="
+        );
     }
 
     #[test]
@@ -623,11 +644,20 @@ mod tests {
             Binding::Unsupported,
             Binding::Unsupported,
         );
-        assert_eq!(wrong.expect_err("refused").0, "password authentication failed");
+        assert_eq!(
+            wrong.expect_err("refused").0,
+            "password authentication failed"
+        );
         let other = Verifier::from_password("pencil", b"another salt", 4096);
-        let key = ClientKey(hmac(&salted_password("pencil", b"another salt", 4096), &[b"Client Key"]));
+        let key = ClientKey(hmac(
+            &salted_password("pencil", b"another salt", 4096),
+            &[b"Client Key"],
+        ));
         let mismatch = exchange(
-            ScramSecret::ClientKey { key, verifier: other },
+            ScramSecret::ClientKey {
+                key,
+                verifier: other,
+            },
             Binding::Unsupported,
             Binding::Unsupported,
         );
@@ -672,7 +702,9 @@ mod tests {
         let mut server = ServerExchange::new(verifier(), Binding::Unsupported, false);
         assert!(server.client_first("DIGEST-MD5", b"n,,n=,r=abc").is_err());
         let mut server = ServerExchange::new(verifier(), Binding::Unsupported, false);
-        server.client_first(MECHANISM, b"n,,n=,r=abc").expect("first");
+        server
+            .client_first(MECHANISM, b"n,,n=,r=abc")
+            .expect("first");
         let bad_nonce = server
             .client_final(format!("c=biws,r=abcXYZ,p={}", BASE64.encode([0u8; 32])).as_bytes())
             .expect_err("nonce");
@@ -684,11 +716,17 @@ mod tests {
     #[test]
     fn doomed_exchange_fails_like_a_wrong_password() {
         let mut server = ServerExchange::new(verifier(), Binding::Unsupported, true);
-        let (mut client, mechanism, first) =
-            ClientExchange::start(ScramSecret::Password("pencil".to_owned()), Binding::Unsupported);
-        let server_first = server.client_first(mechanism, first.as_bytes()).expect("first");
+        let (mut client, mechanism, first) = ClientExchange::start(
+            ScramSecret::Password("pencil".to_owned()),
+            Binding::Unsupported,
+        );
+        let server_first = server
+            .client_first(mechanism, first.as_bytes())
+            .expect("first");
         let client_final = client.server_first(server_first.as_bytes()).expect("final");
-        let refused = server.client_final(client_final.as_bytes()).expect_err("doomed");
+        let refused = server
+            .client_final(client_final.as_bytes())
+            .expect_err("doomed");
         assert_eq!(refused.0, "password authentication failed");
     }
 }
