@@ -198,7 +198,7 @@ fn nonce() -> String {
 }
 
 /// Splits `k=value` attributes; SCRAM values never contain a comma.
-fn attribute<'a>(part: Option<&'a str>, name: char) -> Result<&'a str, ScramError> {
+fn attribute(part: Option<&str>, name: char) -> Result<&str, ScramError> {
     let part = part.ok_or_else(|| ScramError(format!("missing attribute '{name}'")))?;
     let mut chars = part.chars();
     if chars.next() != Some(name) || chars.next() != Some('=') {
