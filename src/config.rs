@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+use crate::auth::hba::{AuthMethod, HbaRule};
 use crate::journal::{CorruptionPolicy, FsyncPolicy, Retain, WriterSettings};
 
 /// Errors found while reading or checking a configuration.
@@ -100,6 +101,32 @@ impl<'de> Deserialize<'de> for HumanSize {
 pub enum LogFormat {
     Text,
     Json,
+}
+
+/// TLS towards clients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientTlsMode {
+    /// SSLRequest is answered 'N'.
+    Disable,
+    /// Clients may use TLS or not.
+    Allow,
+    /// TCP clients must use TLS (Unix-socket clients need not).
+    Require,
+}
+
+/// TLS towards servers, as libpq's sslmode of the same names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum ServerTlsMode {
+    Disable,
+    /// TLS when the server offers it, unverified.
+    Prefer,
+    /// TLS or no connection, unverified.
+    Require,
+    /// TLS with the server's certificate checked against
+    /// `server_tls_ca_file` and the backend's host name.
+    VerifyFull,
 }
 
 /// One PostgreSQL server Reprise may connect to.
@@ -348,10 +375,44 @@ pub struct Config {
     /// users file); unset, there are no background checks.
     pub health_check_user: Option<String>,
     pub health_check_database: String,
+    /// How clients prove who they are, where no `[[hba]]` rule says
+    /// otherwise.
+    pub auth_type: AuthMethod,
+    /// Rules tried in order, first match wins; with any rule present a
+    /// connection no rule matches is refused.
+    pub hba: Vec<HbaRule>,
+    /// Fetches a user's verifier from the server, run as `auth_user`, for
+    /// users the users file does not list; `$1` is the user name.
+    pub auth_query: String,
+    /// The user `auth_query` runs as (its password from the users file);
+    /// unset, there is no lookup.
+    pub auth_user: Option<String>,
+    /// Users for whom Reprise may be unable to open a new server
+    /// connection after a failure (their session then ends with 08006);
+    /// `"all"` for every user. Anyone else with such a configuration is
+    /// refused at start.
+    pub failover_exempt_users: Vec<String>,
+    pub client_tls: ClientTlsMode,
+    /// PEM certificate chain and private key presented to clients.
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    pub server_tls: ServerTlsMode,
+    /// PEM CA certificates that `server_tls = "verify-full"` trusts.
+    pub server_tls_ca_file: Option<PathBuf>,
+    /// A client must have sent its startup packet and proved its identity
+    /// within this time.
+    pub auth_timeout: HumanDuration,
+    /// Connections still in startup or authentication at once; more are
+    /// refused with 53300.
+    pub max_unauthenticated: usize,
     pub journal: JournalConfig,
     #[serde(rename = "backend")]
     pub backends: Vec<Backend>,
 }
+
+/// PgBouncer's default auth_query.
+pub const DEFAULT_AUTH_QUERY: &str =
+    "SELECT usename, passwd FROM pg_catalog.pg_shadow WHERE usename = $1";
 
 impl Default for Config {
     fn default() -> Self {
@@ -381,6 +442,18 @@ impl Default for Config {
             health_check_period: HumanDuration(Duration::from_secs(1)),
             health_check_user: None,
             health_check_database: "postgres".to_owned(),
+            auth_type: AuthMethod::Trust,
+            hba: Vec::new(),
+            auth_query: DEFAULT_AUTH_QUERY.to_owned(),
+            auth_user: None,
+            failover_exempt_users: Vec::new(),
+            client_tls: ClientTlsMode::Disable,
+            tls_cert_file: None,
+            tls_key_file: None,
+            server_tls: ServerTlsMode::Disable,
+            server_tls_ca_file: None,
+            auth_timeout: HumanDuration(Duration::from_secs(60)),
+            max_unauthenticated: 1000,
             journal: JournalConfig::default(),
             backends: Vec::new(),
         }
@@ -402,6 +475,16 @@ pub struct Overrides {
     pub users_file: Option<PathBuf>,
     pub templates_dir: Option<PathBuf>,
     pub log_format: Option<LogFormat>,
+    pub auth_type: Option<AuthMethod>,
+    pub auth_query: Option<String>,
+    pub auth_user: Option<String>,
+    pub client_tls: Option<ClientTlsMode>,
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    pub server_tls: Option<ServerTlsMode>,
+    pub server_tls_ca_file: Option<PathBuf>,
+    pub auth_timeout: Option<HumanDuration>,
+    pub max_unauthenticated: Option<usize>,
 }
 
 /// Smallest accepted `max_message_size`: below this even a startup reply or
@@ -453,6 +536,36 @@ impl Config {
         }
         if let Some(format) = overrides.log_format {
             self.log_format = format;
+        }
+        if let Some(method) = overrides.auth_type {
+            self.auth_type = method;
+        }
+        if let Some(query) = &overrides.auth_query {
+            self.auth_query = query.clone();
+        }
+        if let Some(user) = &overrides.auth_user {
+            self.auth_user = Some(user.clone());
+        }
+        if let Some(mode) = overrides.client_tls {
+            self.client_tls = mode;
+        }
+        if let Some(file) = &overrides.tls_cert_file {
+            self.tls_cert_file = Some(file.clone());
+        }
+        if let Some(file) = &overrides.tls_key_file {
+            self.tls_key_file = Some(file.clone());
+        }
+        if let Some(mode) = overrides.server_tls {
+            self.server_tls = mode;
+        }
+        if let Some(file) = &overrides.server_tls_ca_file {
+            self.server_tls_ca_file = Some(file.clone());
+        }
+        if let Some(timeout) = overrides.auth_timeout {
+            self.auth_timeout = timeout;
+        }
+        if let Some(limit) = overrides.max_unauthenticated {
+            self.max_unauthenticated = limit;
         }
     }
 
@@ -570,11 +683,74 @@ impl Config {
                 "must be from 4KiB to 1GiB",
             ));
         }
+        self.validate_auth()?;
         self.journal.validate()?;
         if let Err(err) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
             return Err(ConfigError::invalid(
                 "log_level",
                 format!("{:?} is not a valid filter: {err}", self.log_level),
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_auth(&self) -> Result<(), ConfigError> {
+        for (index, rule) in self.hba.iter().enumerate() {
+            rule.validate().map_err(|(field, problem)| {
+                ConfigError::invalid(format!("hba[{index}].{field}"), problem)
+            })?;
+        }
+        if self.auth_user.as_ref().is_some_and(String::is_empty) {
+            return Err(ConfigError::invalid(
+                "auth_user",
+                "must not be empty; leave the key out for no auth_query",
+            ));
+        }
+        if self.auth_user.is_some() && !self.auth_query.contains("$1") {
+            return Err(ConfigError::invalid(
+                "auth_query",
+                "must take the user name as $1",
+            ));
+        }
+        if self.auth_timeout.0 < Duration::from_secs(1) {
+            return Err(ConfigError::invalid("auth_timeout", "must be at least 1s"));
+        }
+        if self.max_unauthenticated == 0 {
+            return Err(ConfigError::invalid(
+                "max_unauthenticated",
+                "must be at least 1",
+            ));
+        }
+        if self.client_tls != ClientTlsMode::Disable {
+            for (key, file) in [
+                ("tls_cert_file", &self.tls_cert_file),
+                ("tls_key_file", &self.tls_key_file),
+            ] {
+                if file.is_none() {
+                    return Err(ConfigError::invalid(
+                        key,
+                        format!("must be set when client_tls is {:?}", self.client_tls)
+                            .to_lowercase(),
+                    ));
+                }
+            }
+        }
+        if self.server_tls == ServerTlsMode::VerifyFull && self.server_tls_ca_file.is_none() {
+            return Err(ConfigError::invalid(
+                "server_tls_ca_file",
+                "must be set when server_tls is verify-full",
+            ));
+        }
+        let plain_only = self.client_tls == ClientTlsMode::Disable;
+        let uses_password = self.auth_type == AuthMethod::Password
+            || self
+                .hba
+                .iter()
+                .any(|rule| rule.method == AuthMethod::Password);
+        if plain_only && uses_password {
+            return Err(ConfigError::invalid(
+                "auth_type",
+                "method \"password\" sends the password in clear text and is only offered over TLS; enable client_tls",
             ));
         }
         Ok(())

@@ -24,6 +24,7 @@ pub mod session;
 pub mod state;
 pub mod stats;
 pub mod template;
+pub mod tls;
 pub mod users;
 pub mod wire;
 pub mod workers;

@@ -10,7 +10,10 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use reprise::config::{Backend, Config, LogFormat, Overrides};
+use reprise::auth::hba::AuthMethod;
+use reprise::config::{
+    Backend, ClientTlsMode, Config, HumanDuration, LogFormat, Overrides, ServerTlsMode,
+};
 use reprise::Proxy;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing_subscriber::layer::SubscriberExt;
@@ -66,6 +69,36 @@ struct ServeArgs {
     /// Overrides `log_format`.
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
+    /// Overrides `auth_type`.
+    #[arg(long, value_enum)]
+    auth_type: Option<AuthMethod>,
+    /// Overrides `auth_query`.
+    #[arg(long)]
+    auth_query: Option<String>,
+    /// Overrides `auth_user`.
+    #[arg(long)]
+    auth_user: Option<String>,
+    /// Overrides `client_tls`.
+    #[arg(long, value_enum)]
+    client_tls: Option<ClientTlsMode>,
+    /// Overrides `tls_cert_file`.
+    #[arg(long)]
+    tls_cert_file: Option<PathBuf>,
+    /// Overrides `tls_key_file`.
+    #[arg(long)]
+    tls_key_file: Option<PathBuf>,
+    /// Overrides `server_tls`.
+    #[arg(long, value_enum)]
+    server_tls: Option<ServerTlsMode>,
+    /// Overrides `server_tls_ca_file`.
+    #[arg(long)]
+    server_tls_ca_file: Option<PathBuf>,
+    /// Overrides `auth_timeout` (a duration such as "30s").
+    #[arg(long)]
+    auth_timeout: Option<HumanDuration>,
+    /// Overrides `max_unauthenticated`.
+    #[arg(long)]
+    max_unauthenticated: Option<usize>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -140,6 +173,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         users_file: args.users_file,
         templates_dir: args.templates_dir,
         log_format: args.log_format,
+        auth_type: args.auth_type,
+        auth_query: args.auth_query,
+        auth_user: args.auth_user,
+        client_tls: args.client_tls,
+        tls_cert_file: args.tls_cert_file,
+        tls_key_file: args.tls_key_file,
+        server_tls: args.server_tls,
+        server_tls_ca_file: args.server_tls_ca_file,
+        auth_timeout: args.auth_timeout,
+        max_unauthenticated: args.max_unauthenticated,
     };
     let config = Config::load(args.config.as_deref(), &overrides)
         .context("refusing to start: bad configuration")?;

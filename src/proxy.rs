@@ -19,6 +19,7 @@ use crate::session::cancel::CancelRegistry;
 use crate::session::control::{Order, Sessions};
 use crate::stats::Stats;
 use crate::template::{load_named_templates, NamedTemplateError, NamedTemplates, Registry};
+use crate::tls::{ClientTls, ServerTls, TlsError};
 use crate::users::{Users, UsersFileError};
 use crate::workers::Workers;
 
@@ -30,6 +31,12 @@ pub enum ProxyError {
     Users(#[from] UsersFileError),
     #[error(transparent)]
     Templates(#[from] NamedTemplateError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// A user for whom no new server connection could be opened after a
+    /// failure, not listed in `failover_exempt_users`.
+    #[error("{0}")]
+    Unrecoverable(String),
     #[error(transparent)]
     Journal(#[from] RecoveryError),
     #[error("cannot start the journal writer in {dir}: {source}")]
@@ -49,6 +56,10 @@ pub enum ProxyError {
 pub struct Shared {
     config: RwLock<Arc<Config>>,
     users: RwLock<Arc<Users>>,
+    tls: RwLock<Arc<Tls>>,
+    /// Connections not yet authenticated (counted against
+    /// max_unauthenticated).
+    pub(crate) unauthenticated: AtomicUsize,
     templates: RwLock<NamedTemplates>,
     /// Session templates of all sessions, one copy each.
     pub(crate) registry: Arc<Registry>,
@@ -84,6 +95,14 @@ impl Shared {
         }
     }
 
+    /// TLS towards clients and servers, as last (re)loaded.
+    pub fn tls(&self) -> Arc<Tls> {
+        match self.tls.read() {
+            Ok(tls) => Arc::clone(&tls),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
     /// The named templates of `templates_dir`, as last (re)loaded.
     pub fn named_templates(&self) -> NamedTemplates {
         match self.templates.read() {
@@ -97,11 +116,32 @@ impl Shared {
     }
 }
 
-fn load_users(config: &Config) -> Result<Users, UsersFileError> {
-    match &config.users_file {
-        Some(path) => Users::load(path),
-        None => Ok(Users::default()),
+/// Certificates and keys loaded from the files the config names.
+#[derive(Debug)]
+pub struct Tls {
+    /// None when `client_tls = disable`.
+    pub client: Option<ClientTls>,
+    pub server: ServerTls,
+}
+
+fn load_tls(config: &Config) -> Result<Tls, TlsError> {
+    Ok(Tls {
+        client: ClientTls::from_config(config)?,
+        server: ServerTls::from_config(config)?,
+    })
+}
+
+/// Reads the users file and checks that every user can be carried over
+/// to a new server connection (or is exempt).
+fn load_users(config: &Config) -> Result<Users, ProxyError> {
+    let users = match &config.users_file {
+        Some(path) => Users::load(path)?,
+        None => Users::default(),
+    };
+    if config.failover {
+        crate::auth::check_reconnection(config, &users).map_err(ProxyError::Unrecoverable)?;
     }
+    Ok(users)
 }
 
 /// A bound, not yet running proxy.
@@ -122,6 +162,7 @@ impl Proxy {
     pub async fn bind(config: Config) -> Result<Proxy, ProxyError> {
         let lock = DataDirLock::acquire(&config.data_dir)?;
         let users = load_users(&config)?;
+        let tls = load_tls(&config)?;
         let templates = load_named_templates(&config)?;
         raise_open_file_limit(config.max_open_files, config.max_client_conn);
 
@@ -154,6 +195,8 @@ impl Proxy {
         let shared = Arc::new(Shared {
             config: RwLock::new(Arc::new(config)),
             users: RwLock::new(Arc::new(users)),
+            tls: RwLock::new(Arc::new(tls)),
+            unauthenticated: AtomicUsize::new(0),
             templates: RwLock::new(templates),
             registry: Arc::new(Registry::new()),
             stats,
@@ -207,12 +250,10 @@ impl Proxy {
         };
         let sweeps = {
             let shared = Arc::clone(&self.shared);
-            let users = Arc::clone(&self.shared);
-            tokio::spawn(Arc::clone(&self.shared.guards).sweep_in_background(
-                move || shared.config(),
-                move || users.users(),
-                self.shared.draining.clone(),
-            ))
+            tokio::spawn(
+                Arc::clone(&self.shared.guards)
+                    .sweep_in_background(move || shared.config(), self.shared.draining.clone()),
+            )
         };
         let mut accepting = Vec::new();
         for listener in self.listeners {
@@ -350,6 +391,7 @@ impl ProxyHandle {
     /// nothing changes.
     pub fn reload(&self, new: Config) -> Result<Vec<&'static str>, ProxyError> {
         let users = load_users(&new)?;
+        let tls = load_tls(&new)?;
         let templates = load_named_templates(&new)?;
         let current = self.shared.config();
         let restart_only = current.restart_only_changes(&new);
@@ -364,6 +406,9 @@ impl ProxyHandle {
         }
         if let Ok(mut slot) = self.shared.users.write() {
             *slot = Arc::new(users);
+        }
+        if let Ok(mut slot) = self.shared.tls.write() {
+            *slot = Arc::new(tls);
         }
         if let Ok(mut slot) = self.shared.templates.write() {
             *slot = templates;

@@ -1,13 +1,19 @@
-//! The users file: the passwords Reprise uses to log in to servers on a
-//! client's behalf.
+//! The users file: what clients are checked against, and what Reprise
+//! logs in to servers with on a client's behalf.
 //!
-//! The format is PgBouncer's auth_file: one `"user" "password"` pair per
+//! The format is PgBouncer's auth_file: one `"user" "secret"` pair per
 //! line, each a double-quoted string in which a doubled quote stands for one
-//! quote. Blank lines and lines starting with `#` or `;` are comments.
+//! quote. Blank lines and lines starting with `#` or `;` are comments. The
+//! secret is a password, an MD5 hash (`md5` and 32 hex digits) or a SCRAM
+//! verifier (`SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`),
+//! as pg_authid holds them.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use crate::auth::scram::{self, Verifier};
 
 #[derive(Debug, thiserror::Error)]
 pub enum UsersFileError {
@@ -43,9 +49,99 @@ impl fmt::Debug for Password {
     }
 }
 
+/// `md5` followed by md5(password ‖ user) in hex, as PostgreSQL stores it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Md5Hash(String);
+
+impl Md5Hash {
+    pub fn parse(text: &str) -> Option<Md5Hash> {
+        let hex = text.strip_prefix("md5")?;
+        (hex.len() == 32 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+            .then(|| Md5Hash(hex.to_ascii_lowercase()))
+    }
+
+    pub fn of_password(user: &str, password: &str) -> Md5Hash {
+        let digest = md5::Md5::digest([password.as_bytes(), user.as_bytes()].concat());
+        Md5Hash(hex(&digest))
+    }
+
+    /// What a client answers to an MD5 challenge with this salt.
+    pub fn salted(&self, salt: [u8; 4]) -> String {
+        let digest = md5::Md5::digest([self.0.as_bytes(), &salt].concat());
+        format!("md5{}", hex(&digest))
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+use md5::Digest as _;
+
+impl fmt::Debug for Md5Hash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Md5Hash(***)")
+    }
+}
+
+/// What is known about one user's password.
+#[derive(Clone, Debug)]
+pub enum Secret {
+    Password(Password),
+    Md5(Md5Hash),
+    Scram(Verifier),
+}
+
+impl Secret {
+    /// Reads a users-file or pg_authid secret.
+    pub fn parse(text: &str) -> Result<Secret, String> {
+        if text.starts_with("SCRAM-SHA-256$") {
+            return Verifier::parse(text)
+                .map(Secret::Scram)
+                .map_err(|err| format!("malformed SCRAM verifier ({err})"));
+        }
+        Ok(match Md5Hash::parse(text) {
+            Some(hash) => Secret::Md5(hash),
+            None => Secret::Password(Password(text.to_owned())),
+        })
+    }
+}
+
+/// A user's secret, with the SCRAM verifier of a plain password worked
+/// out once, when a client first needs it.
+#[derive(Debug)]
+pub struct Entry {
+    pub secret: Secret,
+    derived: OnceLock<Verifier>,
+}
+
+impl Entry {
+    pub fn new(secret: Secret) -> Entry {
+        Entry {
+            secret,
+            derived: OnceLock::new(),
+        }
+    }
+
+    /// The verifier a SCRAM exchange checks against; none for an MD5
+    /// hash, from which no verifier can be made.
+    pub fn verifier(&self) -> Option<&Verifier> {
+        match &self.secret {
+            Secret::Scram(verifier) => Some(verifier),
+            Secret::Password(password) => Some(self.derived.get_or_init(|| {
+                use rand::RngCore;
+                let mut salt = [0u8; 16];
+                rand::rngs::OsRng.fill_bytes(&mut salt);
+                Verifier::from_password(password.expose(), &salt, scram::DEFAULT_ITERATIONS)
+            })),
+            Secret::Md5(_) => None,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct Users {
-    passwords: HashMap<String, Password>,
+    entries: HashMap<String, Arc<Entry>>,
 }
 
 impl Users {
@@ -63,7 +159,7 @@ impl Users {
 
     /// Parses the file's text; an error carries the 1-based line number.
     pub fn parse(text: &str) -> Result<Users, (usize, String)> {
-        let mut passwords = HashMap::new();
+        let mut entries = HashMap::new();
         for (index, line) in text.lines().enumerate() {
             let line_number = index + 1;
             let trimmed = line.trim();
@@ -80,21 +176,36 @@ impl Users {
             if user.is_empty() {
                 return Err((line_number, "user name is empty".to_owned()));
             }
-            passwords.insert(user, Password(password));
+            let secret = Secret::parse(&password).map_err(|problem| (line_number, problem))?;
+            entries.insert(user, Arc::new(Entry::new(secret)));
         }
-        Ok(Users { passwords })
+        Ok(Users { entries })
     }
 
-    pub fn password(&self, user: &str) -> Option<&Password> {
-        self.passwords.get(user)
+    pub fn entry(&self, user: &str) -> Option<&Arc<Entry>> {
+        self.entries.get(user)
+    }
+
+    pub fn secret(&self, user: &str) -> Option<&Secret> {
+        self.entries.get(user).map(|entry| &entry.secret)
+    }
+
+    /// What Reprise can log in to a server with as `user` without the
+    /// client's help: a password or an MD5 hash, not a bare verifier.
+    pub fn login(&self, user: &str) -> Option<crate::auth::Credential> {
+        crate::auth::Credential::from_secret(self.secret(user)?)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.keys().map(String::as_str)
     }
 
     pub fn len(&self) -> usize {
-        self.passwords.len()
+        self.entries.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.passwords.is_empty()
+        self.entries.is_empty()
     }
 }
 
@@ -131,15 +242,13 @@ mod tests {
         )
         .expect("valid");
         assert_eq!(users.len(), 2);
-        assert_eq!(
-            users.password("alice").map(Password::expose),
-            Some("s3cret")
-        );
-        assert_eq!(
-            users.password("bob").map(Password::expose),
-            Some("say \"hi\"")
-        );
-        assert!(users.password("carol").is_none());
+        let password = |user| match users.secret(user) {
+            Some(Secret::Password(password)) => Some(password.expose().to_owned()),
+            _ => None,
+        };
+        assert_eq!(password("alice").as_deref(), Some("s3cret"));
+        assert_eq!(password("bob").as_deref(), Some("say \"hi\""));
+        assert!(users.secret("carol").is_none());
     }
 
     #[test]
@@ -149,6 +258,34 @@ mod tests {
         assert!(problem.contains("password"), "{problem}");
         assert_eq!(Users::parse("\"a\" \"b").expect_err("unterminated").0, 1);
         assert_eq!(Users::parse("\"a\" \"b\" x").expect_err("trailing").0, 1);
+    }
+
+    #[test]
+    fn hashes_and_verifiers() {
+        let users = Users::parse(concat!(
+            "\"m\" \"md5b52328d7451bfeace80c4b8c338106f9\"\n",
+            "\"s\" \"SCRAM-SHA-256$4096:c2FsdHNhbHRzYWx0c2FsdA==$",
+            "Xc9qgHgPf3PDy/kNUqJRaBv5zsR3wtNhyPsW8HA7mqc=:",
+            "OI6lTJ9yqnZoQYAMoQ2XNtLv5H/Z3jMLpJwXDbPYDWY=\"\n",
+        ))
+        .expect("valid");
+        // md5("secret" || "m")
+        assert_eq!(
+            users.secret("m").map(
+                |s| matches!(s, Secret::Md5(hash) if *hash == Md5Hash::of_password("m", "secret"))
+            ),
+            Some(true)
+        );
+        assert!(users.entry("m").expect("m").verifier().is_none());
+        assert!(matches!(users.secret("s"), Some(Secret::Scram(_))));
+        let bad = Users::parse("\"x\" \"SCRAM-SHA-256$bad\"\n").expect_err("bad verifier");
+        assert!(bad.1.contains("SCRAM verifier"), "{}", bad.1);
+        // The verifier of a password is made once and then kept.
+        let plain = Users::parse("\"p\" \"pw\"\n").expect("valid");
+        let entry = plain.entry("p").expect("p");
+        let first = entry.verifier().expect("derived").encode();
+        assert_eq!(entry.verifier().expect("derived").encode(), first);
+        assert!(entry.verifier().expect("derived").matches_password("pw"));
     }
 
     #[test]

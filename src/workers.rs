@@ -32,6 +32,11 @@ impl Accepted {
         Ok(match stream {
             ClientStream::Tcp(stream) => Accepted::Tcp(stream.into_std()?),
             ClientStream::Unix(stream) => Accepted::Unix(stream.into_std()?),
+            ClientStream::Tls(_) => {
+                return Err(io::Error::other(
+                    "a TLS stream cannot move between runtimes",
+                ))
+            }
         })
     }
 

@@ -33,6 +33,16 @@ pub type Key = [u8; KEY_LEN];
 #[error("{0}")]
 pub struct ScramError(pub String);
 
+/// What [`ServerExchange::client_final`] says when the proof is wrong (or
+/// the user unknown), as opposed to a malformed exchange.
+pub const WRONG_PROOF: &str = "password authentication failed";
+
+impl ScramError {
+    pub fn is_wrong_proof(&self) -> bool {
+        self.0 == WRONG_PROOF
+    }
+}
+
 fn fail<T>(problem: impl Into<String>) -> Result<T, ScramError> {
     Err(ScramError(problem.into()))
 }
@@ -409,7 +419,7 @@ impl ServerExchange {
         let client_key = xor(&proof, &signature);
         let proven = sha256(&client_key).ct_eq(&self.verifier.stored_key);
         if !bool::from(proven) || self.doomed {
-            return fail("password authentication failed");
+            return fail(WRONG_PROOF);
         }
         let server_signature = hmac(&self.verifier.server_key, &[auth_message.as_bytes()]);
         Ok(ServerFinal {

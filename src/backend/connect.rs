@@ -1,21 +1,23 @@
 //! Opening a server connection and logging in as the client's user.
 //!
 //! Reprise answers the server's authentication request itself, with the
-//! password the users file holds for that user: cleartext, MD5 or
-//! SCRAM-SHA-256 (postgres-protocol's client). A refusal by the server is
+//! session's credential: a password (cleartext, MD5 or SCRAM-SHA-256), an
+//! MD5 hash, or a SCRAM client key recovered from the client's own proof.
+//! A refusal by the server is
 //! kept as the server's own ErrorResponse frame, so that the client gets
 //! exactly what PostgreSQL said.
 
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use postgres_protocol::authentication::{md5_hash, sasl};
+use postgres_protocol::authentication::md5_hash;
 use postgres_protocol::message::{backend, frontend};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::auth::scram::{self, Binding, ClientExchange, ScramSecret};
+use crate::auth::Credential;
 use crate::config::{Backend, Keepalive};
-use crate::users::Password;
 use crate::wire::frame::{self, Next};
 use crate::wire::startup::StartupMessage;
 use crate::wire::{backend as server_msg, startup};
@@ -58,12 +60,20 @@ pub enum ConnectError {
         frame: Bytes,
         summary: server_msg::ErrorSummary,
     },
-    #[error("server asks for a password for user \"{user}\" ({method}), but the users file has none for that user")]
+    #[error("server asks for a password for user \"{user}\" ({method}), but Reprise has none for that user")]
     NoPassword { user: String, method: &'static str },
+    #[error(
+        "server asks for {method} for user \"{user}\", but Reprise only has {have} for that user"
+    )]
+    WrongCredential {
+        user: String,
+        method: &'static str,
+        have: &'static str,
+    },
     #[error("server asks for an authentication method Reprise does not support ({0})")]
     UnsupportedAuth(&'static str),
     #[error("SCRAM authentication with the server failed: {0}")]
-    Scram(std::io::Error),
+    Scram(scram::ScramError),
     #[error("server broke the protocol during startup: {0}")]
     Protocol(String),
     #[error("server connection lost during startup: {0}")]
@@ -75,7 +85,7 @@ pub enum ConnectError {
 pub async fn connect(
     backend: &Backend,
     startup: &StartupMessage,
-    password: Option<&Password>,
+    credential: Option<&Credential>,
     timeout: Duration,
     keepalive: &Keepalive,
     max_message_size: usize,
@@ -90,7 +100,7 @@ pub async fn connect(
                 source,
             })?;
         super::socket::tune(&stream, keepalive);
-        handshake(stream, backend, startup, password, max_message_size).await
+        handshake(stream, backend, startup, credential, max_message_size).await
     };
     match tokio::time::timeout(timeout, attempt).await {
         Ok(result) => result,
@@ -106,7 +116,7 @@ async fn handshake(
     mut stream: TcpStream,
     backend: &Backend,
     startup: &StartupMessage,
-    password: Option<&Password>,
+    credential: Option<&Credential>,
     max_message_size: usize,
 ) -> Result<ServerConnection, ConnectError> {
     let user = startup.get_lossy("user").unwrap_or_default();
@@ -117,12 +127,12 @@ async fn handshake(
     let mut reader = FrameReader::new(max_message_size);
     let mut greeting = BytesMut::new();
     let mut key = None;
-    let mut scram: Option<sasl::ScramSha256> = None;
+    let mut scram: Option<ClientExchange> = None;
     loop {
         let frame = reader.next(&mut stream).await?;
         match frame[0] {
             b'R' => {
-                let reply = authenticate(&frame, &user, password, &mut scram)?;
+                let reply = authenticate(&frame, &user, credential, &mut scram)?;
                 if let Some(reply) = reply {
                     stream.write_all(&reply).await.map_err(ConnectError::Lost)?;
                 }
@@ -170,18 +180,23 @@ async fn handshake(
 fn authenticate(
     frame: &[u8],
     user: &str,
-    password: Option<&Password>,
-    scram: &mut Option<sasl::ScramSha256>,
+    credential: Option<&Credential>,
+    scram: &mut Option<ClientExchange>,
 ) -> Result<Option<BytesMut>, ConnectError> {
     let mut buf = BytesMut::from(frame);
     let message = backend::Message::parse(&mut buf)
         .map_err(|err| ConnectError::Protocol(format!("malformed authentication request: {err}")))?
         .ok_or_else(|| ConnectError::Protocol("truncated authentication request".to_owned()))?;
-    let need_password = |method| {
-        password.ok_or_else(|| ConnectError::NoPassword {
+    let credential_for = |method| {
+        credential.ok_or_else(|| ConnectError::NoPassword {
             user: user.to_owned(),
             method,
         })
+    };
+    let wrong = |method, have| ConnectError::WrongCredential {
+        user: user.to_owned(),
+        method,
+        have,
     };
     let mut reply = BytesMut::new();
     let sent = |result: std::io::Result<()>| {
@@ -190,26 +205,46 @@ fn authenticate(
     match message {
         backend::Message::AuthenticationOk => return Ok(None),
         backend::Message::AuthenticationCleartextPassword => {
-            let password = need_password("password")?;
+            let password = match credential_for("password")? {
+                Credential::Password(password) => password,
+                Credential::Md5(_) => return Err(wrong("a clear-text password", "an MD5 hash")),
+                Credential::ScramKey { .. } => {
+                    return Err(wrong("a clear-text password", "a SCRAM client key"))
+                }
+            };
             sent(frontend::password_message(
                 password.expose().as_bytes(),
                 &mut reply,
             ))?;
         }
         backend::Message::AuthenticationMd5Password(body) => {
-            let password = need_password("md5")?;
-            let hash = md5_hash(user.as_bytes(), password.expose().as_bytes(), body.salt());
+            let hash = match credential_for("md5")? {
+                Credential::Password(password) => {
+                    md5_hash(user.as_bytes(), password.expose().as_bytes(), body.salt())
+                }
+                Credential::Md5(hash) => hash.salted(body.salt()),
+                Credential::ScramKey { .. } => return Err(wrong("md5", "a SCRAM client key")),
+            };
             sent(frontend::password_message(hash.as_bytes(), &mut reply))?;
         }
         backend::Message::AuthenticationSasl(body) => {
-            let password = need_password("scram-sha-256")?;
+            let secret = match credential_for("scram-sha-256")? {
+                Credential::Password(password) => {
+                    ScramSecret::Password(password.expose().to_owned())
+                }
+                Credential::ScramKey { key, verifier } => ScramSecret::ClientKey {
+                    key: key.clone(),
+                    verifier: verifier.clone(),
+                },
+                Credential::Md5(_) => return Err(wrong("scram-sha-256", "an MD5 hash")),
+            };
             let mut mechanisms = body.mechanisms();
             let mut offers_scram = false;
             while let Some(mechanism) = fallible_iterator::FallibleIterator::next(&mut mechanisms)
                 .map_err(|err| {
                 ConnectError::Protocol(format!("malformed SASL mechanism list: {err}"))
             })? {
-                offers_scram |= mechanism == sasl::SCRAM_SHA_256;
+                offers_scram |= mechanism == scram::MECHANISM;
             }
             if !offers_scram {
                 return Err(ConnectError::UnsupportedAuth(
@@ -218,13 +253,10 @@ fn authenticate(
             }
             // Channel binding needs TLS towards the server, which this
             // connection does not use.
-            let client = sasl::ScramSha256::new(
-                password.expose().as_bytes(),
-                sasl::ChannelBinding::unsupported(),
-            );
+            let (client, mechanism, first) = ClientExchange::start(secret, Binding::Unsupported);
             sent(frontend::sasl_initial_response(
-                sasl::SCRAM_SHA_256,
-                client.message(),
+                mechanism,
+                first.as_bytes(),
                 &mut reply,
             ))?;
             *scram = Some(client);
@@ -233,14 +265,18 @@ fn authenticate(
             let client = scram.as_mut().ok_or_else(|| {
                 ConnectError::Protocol("SASL continue without a SASL exchange".to_owned())
             })?;
-            client.update(body.data()).map_err(ConnectError::Scram)?;
-            sent(frontend::sasl_response(client.message(), &mut reply))?;
+            let last = client
+                .server_first(body.data())
+                .map_err(ConnectError::Scram)?;
+            sent(frontend::sasl_response(last.as_bytes(), &mut reply))?;
         }
         backend::Message::AuthenticationSaslFinal(body) => {
             let client = scram.as_mut().ok_or_else(|| {
                 ConnectError::Protocol("SASL final without a SASL exchange".to_owned())
             })?;
-            client.finish(body.data()).map_err(ConnectError::Scram)?;
+            client
+                .server_final(body.data())
+                .map_err(ConnectError::Scram)?;
             return Ok(None);
         }
         backend::Message::AuthenticationKerberosV5 => {

@@ -18,6 +18,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::query::{simple_query, QueryError};
+use crate::auth::Credential;
 use crate::config::{Backend, Config};
 use crate::users::Users;
 use crate::wire::frame;
@@ -202,15 +203,14 @@ impl std::fmt::Display for Refusal {
 pub async fn probe(
     backend: &Backend,
     startup: &StartupMessage,
-    users: &Users,
+    credential: Option<&Credential>,
     config: &Config,
 ) -> Result<Role, String> {
-    let user = startup.get_lossy("user").unwrap_or_default();
     let max_message_size = config.max_message_size();
     let mut server = super::connect(
         backend,
         startup,
-        users.password(&user),
+        credential,
         config.connect_timeout.0,
         &config.tcp_keepalive,
         max_message_size,
@@ -266,14 +266,14 @@ pub async fn check_in_background(
                 ),
             ],
         };
-        let users = users();
+        let credential = users().login(&user);
         let checks = current.backends.iter().map(|backend| {
             let startup = &startup;
-            let users = &users;
+            let credential = credential.as_ref();
             let current = &current;
             let health = &health;
             async move {
-                let role = probe(backend, startup, users, current).await;
+                let role = probe(backend, startup, credential, current).await;
                 if let Err(problem) = &role {
                     tracing::debug!(backend = %backend.name, %problem, "health check failed");
                 }

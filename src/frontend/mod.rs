@@ -1,49 +1,78 @@
 //! The client side: listeners, and the startup phase of each connection
-//! (SSL/GSS negotiation, cancel requests, the StartupMessage) up to the
-//! point where a session takes over.
+//! (SSL/GSS negotiation, cancel requests, the StartupMessage,
+//! authentication) up to the point where a session takes over.
 
 pub mod listener;
 pub mod stream;
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 
-use crate::proxy::Shared;
+use crate::auth::client::AuthError;
+use crate::auth::hba::{self, Peer};
+use crate::auth::scram::Binding;
+use crate::auth::{self, Credential};
+use crate::config::{ClientTlsMode, Config};
+use crate::proxy::{Shared, Tls};
 use crate::session::{self, cancel::ClientKey};
 use crate::wire::reply::{self, sqlstate};
 use crate::wire::startup::{self, StartupError, StartupPacket, PROTOCOL_MINOR};
 pub use stream::ClientStream;
 
-/// A client must finish its startup packets within this time, as with
-/// PostgreSQL's authentication_timeout default.
-const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Takes a freshly accepted connection through the startup phase and, if it
-/// asks for a session, runs it.
+/// Takes a freshly accepted connection through the startup phase and
+/// authentication and, if it asks for a session, runs it.
 pub async fn handle_connection(mut client: ClientStream, shared: Arc<Shared>, id: u64) {
-    let startup = match tokio::time::timeout(STARTUP_TIMEOUT, negotiate(&mut client, &shared)).await
-    {
-        Ok(Ok(Some(startup))) => startup,
-        Ok(Ok(None)) => return,
-        Ok(Err(err)) => {
-            if !matches!(err, StartupError::Closed) {
-                tracing::info!(error = %err, "refused a connection during startup");
-                refuse(&mut client, err.sqlstate(), &err.to_string()).await;
+    let config = shared.config();
+    let Some(unauthenticated) = Unauthenticated::take(&shared, config.max_unauthenticated) else {
+        refuse(
+            &mut client,
+            sqlstate::TOO_MANY_CONNECTIONS,
+            &format!(
+                "sorry, too many connections are authenticating (max_unauthenticated = {})",
+                config.max_unauthenticated
+            ),
+        )
+        .await;
+        return;
+    };
+    // One deadline for the startup packets and the authentication, as
+    // PostgreSQL's authentication_timeout.
+    let deadline = tokio::time::Instant::now() + config.auth_timeout.0;
+    let tls = shared.tls();
+    let startup = loop {
+        match tokio::time::timeout_at(deadline, negotiate(&mut client, &shared, &tls)).await {
+            Ok(Ok(Negotiated::Startup(startup))) => break startup,
+            Ok(Ok(Negotiated::Done)) => return,
+            Ok(Ok(Negotiated::StartTls(acceptor))) => {
+                match tokio::time::timeout_at(deadline, client.into_tls(&acceptor)).await {
+                    Ok(Ok(upgraded)) => client = upgraded,
+                    Ok(Err(err)) => {
+                        tracing::info!(error = %err, "TLS handshake with a client failed");
+                        return;
+                    }
+                    Err(_) => return,
+                }
             }
-            return;
-        }
-        Err(_) => {
-            refuse(
-                &mut client,
-                sqlstate::PROTOCOL_VIOLATION,
-                "startup packet not received in time",
-            )
-            .await;
-            return;
+            Ok(Err(err)) => {
+                if !matches!(err, StartupError::Closed) {
+                    tracing::info!(error = %err, "refused a connection during startup");
+                    refuse(&mut client, err.sqlstate(), &err.to_string()).await;
+                }
+                return;
+            }
+            Err(_) => {
+                refuse(
+                    &mut client,
+                    sqlstate::PROTOCOL_VIOLATION,
+                    "startup packet not received in time",
+                )
+                .await;
+                return;
+            }
         }
     };
 
@@ -68,6 +97,15 @@ pub async fn handle_connection(mut client: ClientStream, shared: Arc<Shared>, id
         .await;
         return;
     }
+    if config.client_tls == ClientTlsMode::Require && client.is_tcp() && !client.is_tls() {
+        refuse(
+            &mut client,
+            sqlstate::INVALID_AUTHORIZATION,
+            "Reprise requires TLS for TCP connections (client_tls = require)",
+        )
+        .await;
+        return;
+    }
     if shared.draining.is_cancelled() {
         refuse(
             &mut client,
@@ -78,7 +116,7 @@ pub async fn handle_connection(mut client: ClientStream, shared: Arc<Shared>, id
         return;
     }
     let Some(_slot) = ClientSlot::take(&shared) else {
-        let limit = shared.config().max_client_conn;
+        let limit = config.max_client_conn;
         refuse(
             &mut client,
             sqlstate::TOO_MANY_CONNECTIONS,
@@ -96,21 +134,101 @@ pub async fn handle_connection(mut client: ClientStream, shared: Arc<Shared>, id
             return;
         }
     }
-    session::run(client, startup, shared, id).await;
+    let proven = tokio::time::timeout_at(
+        deadline,
+        authenticate(&mut client, &startup, &config, &shared, &tls),
+    )
+    .await;
+    let credential = match proven {
+        Ok(Ok(credential)) => credential,
+        Ok(Err(err)) => {
+            let user = startup.get_lossy("user").unwrap_or_default();
+            tracing::info!(%user, error = %err, "client authentication failed");
+            if let Some(code) = err.sqlstate() {
+                refuse(&mut client, code, &err.to_string()).await;
+            }
+            return;
+        }
+        Err(_) => {
+            refuse(
+                &mut client,
+                sqlstate::INVALID_AUTHORIZATION,
+                &format!(
+                    "authentication not completed within auth_timeout ({})",
+                    config.auth_timeout
+                ),
+            )
+            .await;
+            return;
+        }
+    };
+    drop(unauthenticated);
+    session::run(client, startup, credential, shared, id).await;
 }
 
-/// Answers SSL and GSS requests with 'N' (no encryption on this
-/// connection) until a StartupMessage or CancelRequest arrives. `None`
-/// means the connection was a cancel request and is done.
+/// Chooses the method for this connection, runs it, and returns what new
+/// server connections will log in with.
+async fn authenticate(
+    client: &mut ClientStream,
+    startup: &startup::StartupMessage,
+    config: &Config,
+    shared: &Shared,
+    tls: &Tls,
+) -> Result<Option<Credential>, AuthError> {
+    let user = startup.get_lossy("user").unwrap_or_default();
+    let database = startup
+        .get_lossy("database")
+        .unwrap_or_else(|| user.clone());
+    let peer = Peer {
+        address: client.peer_ip(),
+        tls: client.is_tls(),
+        user: &user,
+        database: &database,
+    };
+    let method = hba::choose(&config.hba, config.auth_type, &peer).ok_or_else(|| {
+        AuthError::Rejected(format!(
+            "no hba rule for host \"{}\", user \"{user}\", database \"{database}\", {}",
+            peer.address
+                .map_or_else(|| "[local]".to_owned(), |ip| ip.to_string()),
+            if peer.tls { "TLS on" } else { "TLS off" },
+        ))
+    })?;
+    let users = shared.users();
+    let entry = users.entry(&user).cloned();
+    let binding = match &tls.client {
+        Some(client_tls) if client.is_tls() => Binding::EndPoint(client_tls.end_point.clone()),
+        _ => Binding::Unsupported,
+    };
+    let learned = auth::client::authenticate(client, method, &user, entry, binding).await?;
+    Ok(learned.or_else(|| users.login(&user)))
+}
+
+enum Negotiated {
+    Startup(startup::StartupMessage),
+    /// 'S' was sent: the TLS handshake comes next.
+    StartTls(tokio_rustls::TlsAcceptor),
+    /// A cancel request, served.
+    Done,
+}
+
+/// Answers SSL and GSS requests until a StartupMessage or CancelRequest
+/// arrives: 'S' to an SSLRequest on plain TCP when client TLS is on, 'N'
+/// otherwise.
 async fn negotiate(
     client: &mut ClientStream,
     shared: &Shared,
-) -> Result<Option<startup::StartupMessage>, StartupError> {
+    tls: &Tls,
+) -> Result<Negotiated, StartupError> {
     loop {
         match startup::read_packet(client).await? {
-            StartupPacket::SslRequest | StartupPacket::GssEncRequest => {
-                client.write_all(b"N").await?
-            }
+            StartupPacket::SslRequest => match &tls.client {
+                Some(client_tls) if client.is_tcp() && !client.is_tls() => {
+                    client.write_all(b"S").await?;
+                    return Ok(Negotiated::StartTls(client_tls.acceptor.clone()));
+                }
+                _ => client.write_all(b"N").await?,
+            },
+            StartupPacket::GssEncRequest => client.write_all(b"N").await?,
             StartupPacket::Cancel {
                 process_id,
                 secret_key,
@@ -123,10 +241,10 @@ async fn negotiate(
                     },
                 )
                 .await;
-                return Ok(None);
+                return Ok(Negotiated::Done);
             }
-            StartupPacket::CancelUnknownKeyFormat => return Ok(None),
-            StartupPacket::Startup(message) => return Ok(Some(message)),
+            StartupPacket::CancelUnknownKeyFormat => return Ok(Negotiated::Done),
+            StartupPacket::Startup(message) => return Ok(Negotiated::Startup(message)),
         }
     }
 }
@@ -140,6 +258,34 @@ async fn refuse(client: &mut ClientStream, code: &str, message: &str) {
     .await;
 }
 
+/// One of `max_unauthenticated` places, given back on drop.
+struct Unauthenticated {
+    shared: Arc<Shared>,
+}
+
+impl Unauthenticated {
+    fn take(shared: &Arc<Shared>, limit: usize) -> Option<Self> {
+        take_place(&shared.unauthenticated, limit).then(|| Unauthenticated {
+            shared: Arc::clone(shared),
+        })
+    }
+}
+
+impl Drop for Unauthenticated {
+    fn drop(&mut self) {
+        self.shared.unauthenticated.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Counts one more in `counter` unless it is at `limit`.
+fn take_place(counter: &AtomicUsize, limit: usize) -> bool {
+    counter
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |active| {
+            (active < limit).then_some(active + 1)
+        })
+        .is_ok()
+}
+
 /// One of `max_client_conn` places, given back on drop.
 struct ClientSlot {
     shared: Arc<Shared>,
@@ -147,16 +293,9 @@ struct ClientSlot {
 
 impl ClientSlot {
     fn take(shared: &Arc<Shared>) -> Option<Self> {
-        let limit = shared.config().max_client_conn;
-        shared
-            .clients
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |active| {
-                (active < limit).then_some(active + 1)
-            })
-            .ok()
-            .map(|_| ClientSlot {
-                shared: Arc::clone(shared),
-            })
+        take_place(&shared.clients, shared.config().max_client_conn).then(|| ClientSlot {
+            shared: Arc::clone(shared),
+        })
     }
 }
 

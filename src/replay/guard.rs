@@ -25,10 +25,10 @@ use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use crate::auth::Credential;
 use crate::backend::query::{simple_query, QueryError};
 use crate::backend::{self, ServerConnection};
 use crate::config::{Backend, Config};
-use crate::users::Users;
 use crate::wire::frame;
 use crate::wire::startup::StartupMessage;
 
@@ -96,6 +96,7 @@ struct Entry {
     backend: Backend,
     /// The login the setup succeeded with; the sweeper uses it too.
     login: StartupMessage,
+    credential: Option<Credential>,
     /// When a setup was last started.
     tried: Option<Instant>,
     running: bool,
@@ -115,7 +116,7 @@ impl Guards {
         backend: &Backend,
         startup: &StartupMessage,
         config: &Arc<Config>,
-        users: &Arc<Users>,
+        credential: Option<&Credential>,
     ) -> Arc<Slot> {
         let database = startup
             .get_lossy("database")
@@ -127,6 +128,7 @@ impl Guards {
             slot: Arc::default(),
             backend: backend.clone(),
             login: startup.clone(),
+            credential: credential.cloned(),
             tried: None,
             running: false,
         });
@@ -136,11 +138,12 @@ impl Guards {
             entry.tried = Some(Instant::now());
             entry.backend = backend.clone();
             entry.login = startup.clone();
+            entry.credential = credential.cloned();
             let guards = Arc::clone(self);
             let (backend, login) = (entry.backend.clone(), entry.login.clone());
-            let (config, users) = (Arc::clone(config), Arc::clone(users));
+            let (config, credential) = (Arc::clone(config), entry.credential.clone());
             tokio::spawn(async move {
-                let outcome = set_up(&backend, &login, &config, &users).await;
+                let outcome = set_up(&backend, &login, &config, credential.as_ref()).await;
                 guards.set_up_done(&key, outcome);
             });
         }
@@ -169,7 +172,6 @@ impl Guards {
     pub async fn sweep_in_background(
         self: Arc<Self>,
         config: impl Fn() -> Arc<Config>,
-        users: impl Fn() -> Arc<Users>,
         stop: tokio_util::sync::CancellationToken,
     ) {
         loop {
@@ -177,21 +179,29 @@ impl Guards {
                 () = stop.cancelled() => return,
                 () = tokio::time::sleep(SWEEP_PERIOD) => {}
             }
-            let ready: Vec<(Backend, StartupMessage)> = {
+            let ready: Vec<(Backend, StartupMessage, Option<Credential>)> = {
                 let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
                 entries
                     .values()
                     .filter(|entry| entry.slot.ready())
-                    .map(|entry| (entry.backend.clone(), entry.login.clone()))
+                    .map(|entry| {
+                        (
+                            entry.backend.clone(),
+                            entry.login.clone(),
+                            entry.credential.clone(),
+                        )
+                    })
                     .collect()
             };
-            let (config, users) = (config(), users());
-            for (backend, login) in ready {
+            let config = config();
+            for (backend, login, credential) in ready {
                 let sql = format!(
                     "DELETE FROM reprise.commit_guard WHERE at < pg_catalog.now() - interval '{} seconds'",
                     RETENTION.as_secs()
                 );
-                if let Err(problem) = run_once(&backend, &login, &config, &users, &sql).await {
+                if let Err(problem) =
+                    run_once(&backend, &login, &config, credential.as_ref(), &sql).await
+                {
                     tracing::debug!(backend = %backend.name, %problem, "old commit guard tokens not deleted this time");
                 }
             }
@@ -205,9 +215,9 @@ async fn set_up(
     backend: &Backend,
     login: &StartupMessage,
     config: &Config,
-    users: &Users,
+    credential: Option<&Credential>,
 ) -> Result<(), String> {
-    run_once(backend, login, config, users, SETUP).await
+    run_once(backend, login, config, credential, SETUP).await
 }
 
 /// Opens a connection, runs `sql`, closes it.
@@ -215,10 +225,9 @@ async fn run_once(
     backend: &Backend,
     login: &StartupMessage,
     config: &Config,
-    users: &Users,
+    credential: Option<&Credential>,
     sql: &str,
 ) -> Result<(), String> {
-    let user = login.get_lossy("user").unwrap_or_default();
     let max_message_size = config.max_message_size();
     let ServerConnection {
         mut stream,
@@ -227,7 +236,7 @@ async fn run_once(
     } = backend::connect(
         backend,
         login,
-        users.password(&user),
+        credential,
         config.connect_timeout.0,
         &config.tcp_keepalive,
         max_message_size,

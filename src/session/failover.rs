@@ -271,15 +271,14 @@ where
         config: &Config,
     ) -> Result<(Backend, ServerConnection), Attempt> {
         let health = &self.shared.health;
-        let users = self.shared.users();
-        let password = users.password(&self.user);
+        let credential = self.credential.as_ref();
         let max_message_size = config.max_message_size();
         let mut problems = Vec::new();
         for candidate in health.preferred(&config.backends) {
             let connected = backend::connect(
                 &candidate,
                 &self.startup,
-                password,
+                credential,
                 config.connect_timeout.0,
                 &config.tcp_keepalive,
                 max_message_size,
@@ -338,24 +337,22 @@ where
     async fn other_roles(&self, chosen: &Backend, config: &Config) -> Vec<(String, Option<Role>)> {
         let health = &self.shared.health;
         let fresh = (config.health_check_period.0 * 3).max(Duration::from_secs(2));
-        let users = self.shared.users();
         let lookups = config
             .backends
             .iter()
             .filter(|other| other.name != chosen.name)
-            .map(|other| {
-                let users = &users;
-                async move {
-                    let role = match health.fresh_role(&other.name, fresh) {
-                        Some(role) => role,
-                        None => {
-                            let asked = health::probe(other, &self.startup, users, config).await;
-                            health.record(&other.name, asked.clone());
-                            asked.ok()
-                        }
-                    };
-                    (other.name.clone(), role)
-                }
+            .map(|other| async move {
+                let role = match health.fresh_role(&other.name, fresh) {
+                    Some(role) => role,
+                    None => {
+                        let asked =
+                            health::probe(other, &self.startup, self.credential.as_ref(), config)
+                                .await;
+                        health.record(&other.name, asked.clone());
+                        asked.ok()
+                    }
+                };
+                (other.name.clone(), role)
             });
         futures_util::future::join_all(lookups).await
     }
@@ -557,7 +554,7 @@ where
                 &self.backend,
                 &self.startup,
                 &config,
-                &self.shared.users(),
+                self.credential.as_ref(),
             );
             self.flow.use_guard(Some(slot));
         }

@@ -24,6 +24,7 @@ use std::time::Duration;
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
+use crate::auth::Credential;
 use crate::backend::{self, ConnectError, ServerConnection};
 use crate::config::Backend;
 use crate::proxy::Shared;
@@ -69,8 +70,13 @@ enum Ending {
 
 /// Runs a session whose startup packet has been read. Returns when the
 /// session is over; both sockets are closed by then.
-pub async fn run<C>(mut client: C, mut startup: StartupMessage, shared: Arc<Shared>, id: u64)
-where
+pub async fn run<C>(
+    mut client: C,
+    mut startup: StartupMessage,
+    credential: Option<Credential>,
+    shared: Arc<Shared>,
+    id: u64,
+) where
     C: AsyncRead + AsyncWrite + Unpin,
 {
     #[cfg(feature = "fault-injection")]
@@ -86,12 +92,10 @@ where
         .await;
         return;
     };
-    let user = startup.get_lossy("user").unwrap_or_default();
-    let users = shared.users();
     let connected = backend::connect(
         &backend,
         &startup,
-        users.password(&user),
+        credential.as_ref(),
         config.connect_timeout.0,
         &config.tcp_keepalive,
         config.max_message_size(),
@@ -103,7 +107,7 @@ where
             tracing::warn!(backend = %backend.name, error = %err, "could not open a server connection");
             let answer = match &err {
                 ConnectError::Refused { frame, .. } => BytesMut::from(&frame[..]),
-                ConnectError::NoPassword { .. } => {
+                ConnectError::NoPassword { .. } | ConnectError::WrongCredential { .. } => {
                     reply::fatal(sqlstate::INVALID_PASSWORD, &err.to_string())
                 }
                 ConnectError::UnsupportedAuth(_) => {
@@ -129,12 +133,29 @@ where
         },
     );
     #[allow(unused_mut)]
-    let mut session = Session::new(client, startup, backend, server, registration, shared, id);
+    let mut session = Session::new(
+        client,
+        Login {
+            startup,
+            credential,
+        },
+        backend,
+        server,
+        registration,
+        shared,
+        id,
+    );
     #[cfg(feature = "fault-injection")]
     {
         session.fault = fault;
     }
     session.run().await;
+}
+
+/// Who the session logs in to servers as.
+struct Login {
+    startup: StartupMessage,
+    credential: Option<Credential>,
 }
 
 /// Writes a last message and closes; errors only mean the client is gone.
@@ -156,7 +177,8 @@ struct Session<C> {
     shared: Arc<Shared>,
     /// What the client logged in with, for new server connections.
     startup: StartupMessage,
-    user: String,
+    /// What new server connections log in with (see [`Credential`]).
+    credential: Option<Credential>,
     backend: Backend,
     /// The process id of the current server connection; notifications it
     /// sends carry the client's instead.
@@ -178,7 +200,10 @@ where
 {
     fn new(
         client: C,
-        startup: StartupMessage,
+        Login {
+            startup,
+            credential,
+        }: Login,
         backend: Backend,
         server: ServerConnection,
         cancel: CancelHandle,
@@ -218,7 +243,7 @@ where
                 &backend,
                 &startup,
                 &config,
-                &shared.users(),
+                credential.as_ref(),
             )));
         }
         let recorder = match &shared.journal {
@@ -240,7 +265,6 @@ where
         let mut relay = Relay::new(client, server.stream, server.pending);
         relay.to_client.push(greeting.freeze());
         let max_message_size = config.max_message_size();
-        let user = startup.get_lossy("user").unwrap_or_default();
         Session {
             relay,
             max_message_size,
@@ -249,7 +273,7 @@ where
             control: shared.sessions.register(),
             shared,
             startup,
-            user,
+            credential,
             backend,
             server_pid: server.process_id,
             draining: false,

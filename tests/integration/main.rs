@@ -2,6 +2,7 @@
 //! Reprise in front of them and real clients (tokio-postgres, psql,
 //! pgbench, raw sockets for what no driver sends).
 
+mod auth;
 mod bad_input;
 mod clients;
 mod commit_guard;

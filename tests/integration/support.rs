@@ -59,7 +59,8 @@ impl Harness {
         (harness, standby)
     }
 
-    async fn start_on(cluster: Cluster, tweak: impl FnOnce(&mut Config)) -> Harness {
+    /// A proxy in front of a cluster the caller started (and prepared).
+    pub async fn start_on(cluster: Cluster, tweak: impl FnOnce(&mut Config)) -> Harness {
         let data_dir = tempfile::Builder::new()
             .prefix("reprise-test-")
             .tempdir()
@@ -533,4 +534,55 @@ where
 /// A `SHOW reprise.state` row.
 pub fn state_row(kind: &str, name: &str, value: &str) -> (String, String, String) {
     (kind.to_owned(), name.to_owned(), value.to_owned())
+}
+
+/// A CA and a leaf certificate for `localhost` and 127.0.0.1 signed by
+/// it, made at test time (valid until 4096) and written as PEM files.
+pub struct Pki {
+    pub ca: std::path::PathBuf,
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    pub ca_der: rustls_pki_types::CertificateDer<'static>,
+    _dir: tempfile::TempDir,
+}
+
+pub fn pki() -> Pki {
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair,
+        KeyUsagePurpose,
+    };
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "Reprise test CA");
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("ca key"))
+        .expect("ca certificate");
+    let leaf_key = KeyPair::generate().expect("leaf key");
+    let mut leaf = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+        .expect("leaf params");
+    leaf.distinguished_name
+        .push(DnType::CommonName, "localhost");
+    let cert = leaf.signed_by(&leaf_key, &ca).expect("leaf certificate");
+    let dir = tempfile::Builder::new()
+        .prefix("reprise-pki-")
+        .tempdir()
+        .expect("tempdir");
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).expect("write pem");
+        path
+    };
+    Pki {
+        ca: write("ca.pem", &ca.pem()),
+        cert: write("server.crt", &cert.pem()),
+        key: write("server.key", &leaf_key.serialize_pem()),
+        ca_der: ca.der().clone(),
+        _dir: dir,
+    }
 }
