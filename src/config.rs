@@ -129,6 +129,17 @@ pub enum ServerTlsMode {
     VerifyFull,
 }
 
+impl ServerTlsMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            ServerTlsMode::Disable => "disable",
+            ServerTlsMode::Prefer => "prefer",
+            ServerTlsMode::Require => "require",
+            ServerTlsMode::VerifyFull => "verify-full",
+        }
+    }
+}
+
 /// One PostgreSQL server Reprise may connect to.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]

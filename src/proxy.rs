@@ -241,10 +241,12 @@ impl Proxy {
         let checks = {
             let shared = Arc::clone(&self.shared);
             let users = Arc::clone(&self.shared);
+            let tls = Arc::clone(&self.shared);
             tokio::spawn(health::check_in_background(
                 Arc::clone(&self.shared.health),
                 move || shared.config(),
                 move || users.users(),
+                move || tls.tls(),
                 self.shared.draining.clone(),
             ))
         };

@@ -15,9 +15,11 @@ use postgres_protocol::message::{backend, frontend};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::stream::ServerStream;
 use crate::auth::scram::{self, Binding, ClientExchange, ScramSecret};
 use crate::auth::Credential;
-use crate::config::{Backend, Keepalive};
+use crate::config::{Backend, Keepalive, ServerTlsMode};
+use crate::tls::ServerTls;
 use crate::wire::frame::{self, Next};
 use crate::wire::startup::StartupMessage;
 use crate::wire::{backend as server_msg, startup};
@@ -25,7 +27,7 @@ use crate::wire::{backend as server_msg, startup};
 /// A logged-in server connection, positioned after its first ReadyForQuery.
 #[derive(Debug)]
 pub struct ServerConnection {
-    pub stream: TcpStream,
+    pub stream: ServerStream,
     /// The configured backend this connection goes to.
     pub backend: Backend,
     pub process_id: i32,
@@ -60,7 +62,7 @@ pub enum ConnectError {
         frame: Bytes,
         summary: server_msg::ErrorSummary,
     },
-    #[error("server asks for a password for user \"{user}\" ({method}), but Reprise has none for that user")]
+    #[error("server asks for a password for user \"{user}\" ({method}), but the users file has none for that user")]
     NoPassword { user: String, method: &'static str },
     #[error(
         "server asks for {method} for user \"{user}\", but Reprise only has {have} for that user"
@@ -74,6 +76,12 @@ pub enum ConnectError {
     UnsupportedAuth(&'static str),
     #[error("SCRAM authentication with the server failed: {0}")]
     Scram(scram::ScramError),
+    #[error(
+        "server \"{backend}\" does not accept TLS connections, and server_tls = {mode} requires it"
+    )]
+    TlsRefused { backend: String, mode: &'static str },
+    #[error("TLS with server \"{backend}\" failed: {problem}")]
+    Tls { backend: String, problem: String },
     #[error("server broke the protocol during startup: {0}")]
     Protocol(String),
     #[error("server connection lost during startup: {0}")]
@@ -86,6 +94,7 @@ pub async fn connect(
     backend: &Backend,
     startup: &StartupMessage,
     credential: Option<&Credential>,
+    tls: &ServerTls,
     timeout: Duration,
     keepalive: &Keepalive,
     max_message_size: usize,
@@ -100,6 +109,7 @@ pub async fn connect(
                 source,
             })?;
         super::socket::tune(&stream, keepalive);
+        let stream = negotiate_tls(stream, backend, tls).await?;
         handshake(stream, backend, startup, credential, max_message_size).await
     };
     match tokio::time::timeout(timeout, attempt).await {
@@ -112,8 +122,59 @@ pub async fn connect(
     }
 }
 
-async fn handshake(
+/// Asks for TLS per `server_tls` and runs the handshake when the server
+/// agrees.
+async fn negotiate_tls(
     mut stream: TcpStream,
+    backend: &Backend,
+    tls: &ServerTls,
+) -> Result<ServerStream, ConnectError> {
+    let Some(connector) = &tls.connector else {
+        return Ok(ServerStream::Plain(stream));
+    };
+    let failed = |problem: String| ConnectError::Tls {
+        backend: backend.name.clone(),
+        problem,
+    };
+    let mut request = BytesMut::new();
+    frame::write_frame(&mut request, None, |out| {
+        out.extend_from_slice(&startup::SSL_REQUEST_CODE.to_be_bytes());
+    });
+    stream
+        .write_all(&request)
+        .await
+        .map_err(ConnectError::Lost)?;
+    let mut answer = [0u8; 1];
+    stream
+        .read_exact(&mut answer)
+        .await
+        .map_err(ConnectError::Lost)?;
+    match answer[0] {
+        b'S' => {}
+        b'N' if tls.mode == ServerTlsMode::Prefer => return Ok(ServerStream::Plain(stream)),
+        b'N' => {
+            return Err(ConnectError::TlsRefused {
+                backend: backend.name.clone(),
+                mode: tls.mode.name(),
+            })
+        }
+        other => {
+            return Err(ConnectError::Protocol(format!(
+                "unexpected answer {:?} to SSLRequest",
+                char::from(other)
+            )))
+        }
+    }
+    let name = ServerTls::server_name(&backend.host).map_err(failed)?;
+    let stream = connector
+        .connect(name, stream)
+        .await
+        .map_err(|err| failed(err.to_string()))?;
+    Ok(ServerStream::Tls(Box::new(stream)))
+}
+
+async fn handshake(
+    mut stream: ServerStream,
     backend: &Backend,
     startup: &StartupMessage,
     credential: Option<&Credential>,
@@ -128,11 +189,13 @@ async fn handshake(
     let mut greeting = BytesMut::new();
     let mut key = None;
     let mut scram: Option<ClientExchange> = None;
+    let end_point = stream.end_point();
     loop {
         let frame = reader.next(&mut stream).await?;
         match frame[0] {
             b'R' => {
-                let reply = authenticate(&frame, &user, credential, &mut scram)?;
+                let reply =
+                    authenticate(&frame, &user, credential, end_point.as_deref(), &mut scram)?;
                 if let Some(reply) = reply {
                     stream.write_all(&reply).await.map_err(ConnectError::Lost)?;
                 }
@@ -181,6 +244,7 @@ fn authenticate(
     frame: &[u8],
     user: &str,
     credential: Option<&Credential>,
+    end_point: Option<&[u8]>,
     scram: &mut Option<ClientExchange>,
 ) -> Result<Option<BytesMut>, ConnectError> {
     let mut buf = BytesMut::from(frame);
@@ -239,21 +303,27 @@ fn authenticate(
                 Credential::Md5(_) => return Err(wrong("scram-sha-256", "an MD5 hash")),
             };
             let mut mechanisms = body.mechanisms();
-            let mut offers_scram = false;
+            let (mut offers_scram, mut offers_plus) = (false, false);
             while let Some(mechanism) = fallible_iterator::FallibleIterator::next(&mut mechanisms)
                 .map_err(|err| {
                 ConnectError::Protocol(format!("malformed SASL mechanism list: {err}"))
             })? {
                 offers_scram |= mechanism == scram::MECHANISM;
+                offers_plus |= mechanism == scram::MECHANISM_PLUS;
             }
             if !offers_scram {
                 return Err(ConnectError::UnsupportedAuth(
                     "a SASL mechanism other than SCRAM-SHA-256",
                 ));
             }
-            // Channel binding needs TLS towards the server, which this
-            // connection does not use.
-            let (client, mechanism, first) = ClientExchange::start(secret, Binding::Unsupported);
+            // Bind to the server's certificate whenever TLS allows it, so
+            // that a man in the middle cannot relay the exchange.
+            let binding = match end_point {
+                Some(hash) if offers_plus => Binding::EndPoint(hash.to_vec()),
+                Some(_) => Binding::NotUsed,
+                None => Binding::Unsupported,
+            };
+            let (client, mechanism, first) = ClientExchange::start(secret, binding);
             sent(frontend::sasl_initial_response(
                 mechanism,
                 first.as_bytes(),
@@ -345,7 +415,7 @@ impl FrameReader {
         }
     }
 
-    async fn next(&mut self, stream: &mut TcpStream) -> Result<Bytes, ConnectError> {
+    async fn next(&mut self, stream: &mut ServerStream) -> Result<Bytes, ConnectError> {
         loop {
             match frame::next(&self.buf, self.max_message_size) {
                 Ok(Next::Frame { tag, len }) => {

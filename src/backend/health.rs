@@ -13,13 +13,15 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::backend::stream::ServerStream;
 use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 
 use super::query::{simple_query, QueryError};
 use crate::auth::Credential;
 use crate::config::{Backend, Config};
+use crate::proxy::Tls;
+use crate::tls::ServerTls;
 use crate::users::Users;
 use crate::wire::frame;
 use crate::wire::startup::StartupMessage;
@@ -43,7 +45,7 @@ pub struct Role {
 
 /// Asks a logged-in server connection what it is.
 pub async fn ask_role(
-    stream: &mut TcpStream,
+    stream: &mut ServerStream,
     inbox: &mut BytesMut,
     max_message_size: usize,
 ) -> Result<Role, QueryError> {
@@ -204,6 +206,7 @@ pub async fn probe(
     backend: &Backend,
     startup: &StartupMessage,
     credential: Option<&Credential>,
+    tls: &ServerTls,
     config: &Config,
 ) -> Result<Role, String> {
     let max_message_size = config.max_message_size();
@@ -211,6 +214,7 @@ pub async fn probe(
         backend,
         startup,
         credential,
+        tls,
         config.connect_timeout.0,
         &config.tcp_keepalive,
         max_message_size,
@@ -236,6 +240,7 @@ pub async fn check_in_background(
     health: Arc<Health>,
     config: impl Fn() -> Arc<Config>,
     users: impl Fn() -> Arc<Users>,
+    tls: impl Fn() -> Arc<Tls>,
     stop: tokio_util::sync::CancellationToken,
 ) {
     loop {
@@ -267,13 +272,15 @@ pub async fn check_in_background(
             ],
         };
         let credential = users().login(&user);
+        let tls = tls();
         let checks = current.backends.iter().map(|backend| {
             let startup = &startup;
             let credential = credential.as_ref();
+            let tls = &tls.server;
             let current = &current;
             let health = &health;
             async move {
-                let role = probe(backend, startup, credential, current).await;
+                let role = probe(backend, startup, credential, tls, current).await;
                 if let Err(problem) = &role {
                     tracing::debug!(backend = %backend.name, %problem, "health check failed");
                 }

@@ -5,5 +5,6 @@ pub mod connect;
 pub mod health;
 pub mod query;
 pub mod socket;
+pub mod stream;
 
 pub use connect::{connect, send_cancel, ConnectError, ServerConnection};

@@ -1,9 +1,9 @@
 //! Reprise's own simple queries on a server connection that no client is
 //! using yet (the commit-outcome check after a failover).
 
+use crate::backend::stream::ServerStream;
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use crate::wire::backend as server_msg;
 use crate::wire::frame::{self, Next};
@@ -25,7 +25,7 @@ pub enum QueryError {
 /// ready again. Bytes the server sends after its ReadyForQuery stay in
 /// `inbox`.
 pub async fn simple_query(
-    stream: &mut TcpStream,
+    stream: &mut ServerStream,
     inbox: &mut BytesMut,
     sql: &str,
     max_message_size: usize,
@@ -76,7 +76,7 @@ pub async fn simple_query(
 }
 
 async fn next_frame(
-    stream: &mut TcpStream,
+    stream: &mut ServerStream,
     inbox: &mut BytesMut,
     max_message_size: usize,
 ) -> Result<BytesMut, QueryError> {

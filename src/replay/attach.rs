@@ -21,9 +21,9 @@ use std::collections::HashMap;
 use std::io;
 use std::sync::Arc;
 
+use crate::backend::stream::ServerStream;
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use crate::backend::ServerConnection;
 use crate::proxy::Shared;
@@ -118,7 +118,7 @@ pub struct Replay<'a> {
 
 /// A connection brought to the session's state.
 pub struct Attached {
-    pub stream: TcpStream,
+    pub stream: ServerStream,
     pub process_id: i32,
     pub secret_key: i32,
     /// Bytes read past what attach consumed: the rest of the in-flight
@@ -371,7 +371,7 @@ struct Link {
 
 impl Link {
     /// The next whole frame.
-    async fn next(&mut self, stream: &mut TcpStream) -> Result<(u8, BytesMut), AttachError> {
+    async fn next(&mut self, stream: &mut ServerStream) -> Result<(u8, BytesMut), AttachError> {
         loop {
             match frame::next(&self.inbox, self.max_message_size) {
                 Ok(Next::Frame { tag, len }) => {
@@ -396,7 +396,7 @@ impl Link {
     }
 
     /// The tag of the next frame, which stays in the inbox.
-    async fn peek_tag(&mut self, stream: &mut TcpStream) -> Result<u8, AttachError> {
+    async fn peek_tag(&mut self, stream: &mut ServerStream) -> Result<u8, AttachError> {
         while self.inbox.is_empty() {
             self.inbox.reserve(16 * 1024);
             if stream.read_buf(&mut self.inbox).await? == 0 {

@@ -21,14 +21,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::backend::stream::ServerStream;
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 
 use crate::auth::Credential;
 use crate::backend::query::{simple_query, QueryError};
 use crate::backend::{self, ServerConnection};
 use crate::config::{Backend, Config};
+use crate::proxy::Tls;
+use crate::tls::ServerTls;
 use crate::wire::frame;
 use crate::wire::startup::StartupMessage;
 
@@ -97,6 +99,7 @@ struct Entry {
     /// The login the setup succeeded with; the sweeper uses it too.
     login: StartupMessage,
     credential: Option<Credential>,
+    tls: Arc<Tls>,
     /// When a setup was last started.
     tried: Option<Instant>,
     running: bool,
@@ -117,6 +120,7 @@ impl Guards {
         startup: &StartupMessage,
         config: &Arc<Config>,
         credential: Option<&Credential>,
+        tls: &Arc<Tls>,
     ) -> Arc<Slot> {
         let database = startup
             .get_lossy("database")
@@ -129,6 +133,7 @@ impl Guards {
             backend: backend.clone(),
             login: startup.clone(),
             credential: credential.cloned(),
+            tls: Arc::clone(tls),
             tried: None,
             running: false,
         });
@@ -139,11 +144,21 @@ impl Guards {
             entry.backend = backend.clone();
             entry.login = startup.clone();
             entry.credential = credential.cloned();
+            entry.tls = Arc::clone(tls);
             let guards = Arc::clone(self);
             let (backend, login) = (entry.backend.clone(), entry.login.clone());
             let (config, credential) = (Arc::clone(config), entry.credential.clone());
+            let tls = Arc::clone(tls);
             tokio::spawn(async move {
-                let outcome = set_up(&backend, &login, &config, credential.as_ref()).await;
+                let outcome = run_once(
+                    &backend,
+                    &login,
+                    &config,
+                    credential.as_ref(),
+                    &tls.server,
+                    SETUP,
+                )
+                .await;
                 guards.set_up_done(&key, outcome);
             });
         }
@@ -179,7 +194,7 @@ impl Guards {
                 () = stop.cancelled() => return,
                 () = tokio::time::sleep(SWEEP_PERIOD) => {}
             }
-            let ready: Vec<(Backend, StartupMessage, Option<Credential>)> = {
+            let ready: Vec<(Backend, StartupMessage, Option<Credential>, Arc<Tls>)> = {
                 let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
                 entries
                     .values()
@@ -189,18 +204,26 @@ impl Guards {
                             entry.backend.clone(),
                             entry.login.clone(),
                             entry.credential.clone(),
+                            Arc::clone(&entry.tls),
                         )
                     })
                     .collect()
             };
             let config = config();
-            for (backend, login, credential) in ready {
+            for (backend, login, credential, tls) in ready {
                 let sql = format!(
                     "DELETE FROM reprise.commit_guard WHERE at < pg_catalog.now() - interval '{} seconds'",
                     RETENTION.as_secs()
                 );
-                if let Err(problem) =
-                    run_once(&backend, &login, &config, credential.as_ref(), &sql).await
+                if let Err(problem) = run_once(
+                    &backend,
+                    &login,
+                    &config,
+                    credential.as_ref(),
+                    &tls.server,
+                    &sql,
+                )
+                .await
                 {
                     tracing::debug!(backend = %backend.name, %problem, "old commit guard tokens not deleted this time");
                 }
@@ -209,23 +232,13 @@ impl Guards {
     }
 }
 
-/// Creates what the guard needs, logged in as the session that first
-/// needed it.
-async fn set_up(
-    backend: &Backend,
-    login: &StartupMessage,
-    config: &Config,
-    credential: Option<&Credential>,
-) -> Result<(), String> {
-    run_once(backend, login, config, credential, SETUP).await
-}
-
 /// Opens a connection, runs `sql`, closes it.
 async fn run_once(
     backend: &Backend,
     login: &StartupMessage,
     config: &Config,
     credential: Option<&Credential>,
+    tls: &ServerTls,
     sql: &str,
 ) -> Result<(), String> {
     let max_message_size = config.max_message_size();
@@ -237,6 +250,7 @@ async fn run_once(
         backend,
         login,
         credential,
+        tls,
         config.connect_timeout.0,
         &config.tcp_keepalive,
         max_message_size,
@@ -258,7 +272,7 @@ async fn run_once(
 
 /// Asks a new server connection whether `token` committed.
 pub async fn committed(
-    stream: &mut TcpStream,
+    stream: &mut ServerStream,
     inbox: &mut BytesMut,
     token: &str,
     max_message_size: usize,

@@ -15,8 +15,8 @@
 
 use std::time::Duration;
 
+use crate::backend::stream::ServerStream;
 use bytes::BytesMut;
-use tokio::net::TcpStream;
 
 use super::guard;
 use crate::backend::query::{simple_query, QueryError, TextRow};
@@ -130,7 +130,7 @@ const TERMINATE_WAIT: Duration = Duration::from_secs(5);
 /// Asks a new server connection what became of `mark`'s transaction.
 /// `Err` when the connection failed and another may answer.
 pub async fn settle(
-    stream: &mut TcpStream,
+    stream: &mut ServerStream,
     inbox: &mut BytesMut,
     mark: &CommitMark,
     old_process_id: i32,
@@ -158,7 +158,7 @@ pub async fn settle(
 
 /// What `txid_status` on the new server connection proves.
 async fn settle_by_id(
-    stream: &mut TcpStream,
+    stream: &mut ServerStream,
     inbox: &mut BytesMut,
     mark: &CommitMark,
     old_process_id: i32,
@@ -226,7 +226,7 @@ fn split_row(row: &TextRow) -> Option<(Option<String>, ServerIdentity)> {
 /// Ends the old server process that still holds the transaction, and
 /// waits for it to go.
 async fn terminate(
-    stream: &mut TcpStream,
+    stream: &mut ServerStream,
     inbox: &mut BytesMut,
     process_id: i32,
     max_message_size: usize,

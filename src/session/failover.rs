@@ -272,6 +272,7 @@ where
     ) -> Result<(Backend, ServerConnection), Attempt> {
         let health = &self.shared.health;
         let credential = self.credential.as_ref();
+        let tls = self.shared.tls();
         let max_message_size = config.max_message_size();
         let mut problems = Vec::new();
         for candidate in health.preferred(&config.backends) {
@@ -279,6 +280,7 @@ where
                 &candidate,
                 &self.startup,
                 credential,
+                &tls.server,
                 config.connect_timeout.0,
                 &config.tcp_keepalive,
                 max_message_size,
@@ -345,9 +347,14 @@ where
                 let role = match health.fresh_role(&other.name, fresh) {
                     Some(role) => role,
                     None => {
-                        let asked =
-                            health::probe(other, &self.startup, self.credential.as_ref(), config)
-                                .await;
+                        let asked = health::probe(
+                            other,
+                            &self.startup,
+                            self.credential.as_ref(),
+                            &self.shared.tls().server,
+                            config,
+                        )
+                        .await;
                         health.record(&other.name, asked.clone());
                         asked.ok()
                     }
@@ -555,6 +562,7 @@ where
                 &self.startup,
                 &config,
                 self.credential.as_ref(),
+                &self.shared.tls(),
             );
             self.flow.use_guard(Some(slot));
         }

@@ -8,7 +8,7 @@
 
 use std::io;
 
-use tokio::net::TcpStream;
+use crate::backend::stream::ServerStream;
 
 use crate::wire::startup::StartupMessage;
 
@@ -49,8 +49,8 @@ impl Fault {
     /// Breaks `server` as a network failure would: both directions shut,
     /// so that the server process sees the end of its input, and is reset
     /// by the kernel if it writes more.
-    pub fn cut(server: &TcpStream) -> io::Error {
-        let _ = socket2::SockRef::from(server).shutdown(std::net::Shutdown::Both);
+    pub fn cut(server: &ServerStream) -> io::Error {
+        let _ = socket2::SockRef::from(server.tcp()).shutdown(std::net::Shutdown::Both);
         io::Error::new(
             io::ErrorKind::ConnectionReset,
             "server connection cut by fault injection",

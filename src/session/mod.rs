@@ -96,6 +96,7 @@ pub async fn run<C>(
         &backend,
         &startup,
         credential.as_ref(),
+        &shared.tls().server,
         config.connect_timeout.0,
         &config.tcp_keepalive,
         config.max_message_size(),
@@ -168,7 +169,7 @@ async fn goodbye<C: AsyncWrite + Unpin>(client: &mut C, message: BytesMut) {
 }
 
 struct Session<C> {
-    relay: Relay<C, tokio::net::TcpStream>,
+    relay: Relay<C, crate::backend::stream::ServerStream>,
     max_message_size: usize,
     flow: Flow,
     /// The server sent a FATAL error: its connection is about to end and
@@ -244,6 +245,7 @@ where
                 &startup,
                 &config,
                 credential.as_ref(),
+                &shared.tls(),
             )));
         }
         let recorder = match &shared.journal {

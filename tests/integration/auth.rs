@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use reprise::auth::hba::AuthMethod;
-use reprise::config::{ClientTlsMode, Config};
+use reprise::config::{ClientTlsMode, Config, ServerTlsMode};
 use throwaway_pg::{Cluster, Options};
 use tokio_postgres::config::{ChannelBinding, SslMode};
 use tokio_postgres::error::SqlState;
@@ -476,9 +476,15 @@ async fn unauthenticated_connections_are_limited() {
 async fn bad_tls_files_and_unrecoverable_users_are_refused_at_start() {
     let pki = pki();
     let data = tempfile::tempdir().expect("tempdir");
+    // A data directory per attempt: a child another test forks may hold
+    // the previous attempt's lock file open for a moment.
+    let attempts = std::cell::Cell::new(0);
     let base = || Config {
         listen: "127.0.0.1:0".parse().expect("addr"),
-        data_dir: data.path().to_owned(),
+        data_dir: {
+            attempts.set(attempts.get() + 1);
+            data.path().join(format!("attempt-{}", attempts.get()))
+        },
         backends: vec![reprise::config::Backend {
             name: "primary".to_owned(),
             host: "127.0.0.1".to_owned(),
@@ -561,4 +567,127 @@ async fn bad_tls_files_and_unrecoverable_users_are_refused_at_start() {
         problem.contains("auth_type") && problem.contains("TLS"),
         "{problem}"
     );
+}
+
+/// A server that takes only TLS, with the test CA's leaf certificate.
+fn tls_server_options(pki: &Pki) -> Options {
+    Options {
+        hba: Some(
+            "local all all trust\nhostssl all postgres 127.0.0.1/32 trust\nhostssl all all 127.0.0.1/32 scram-sha-256\n"
+                .to_owned(),
+        ),
+        settings: vec![
+            ("ssl".to_owned(), "on".to_owned()),
+            ("ssl_cert_file".to_owned(), "server.crt".to_owned()),
+            ("ssl_key_file".to_owned(), "server.key".to_owned()),
+        ],
+        data_files: vec![
+            ("server.crt".to_owned(), pki.cert_pem.clone().into_bytes()),
+            ("server.key".to_owned(), pki.key_pem.clone().into_bytes()),
+        ],
+        ..Options::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_tls_verify_full_with_scram_channel_binding_to_the_server() {
+    let pki = pki();
+    let cluster = support::start_cluster(tls_server_options(&pki)).await;
+    let admin_conn = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=postgres sslmode=require",
+        cluster.port()
+    );
+    // The test's own setup goes over TLS too (the server takes nothing
+    // else); certificates are checked below, by Reprise.
+    let status = Command::new(cluster.install().bin("psql"))
+        .args(["-X", "-At", "-c"])
+        .arg("CREATE ROLE alice LOGIN PASSWORD 'alice-pw'; GRANT pg_signal_backend TO alice; SELECT 1")
+        .arg(&admin_conn)
+        .output()
+        .expect("psql");
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let verifier = Command::new(cluster.install().bin("psql"))
+        .args([
+            "-X",
+            "-At",
+            "-c",
+            "SELECT rolpassword FROM pg_authid WHERE rolname = 'alice'",
+        ])
+        .arg(&admin_conn)
+        .output()
+        .expect("psql");
+    let verifier = String::from_utf8_lossy(&verifier.stdout).trim().to_owned();
+    let files = tempfile::tempdir().expect("tempdir");
+    let users = users_file(files.path(), &[("alice", &verifier)]);
+    let harness = Harness::start_on(cluster, |config| {
+        config.auth_type = AuthMethod::ScramSha256;
+        config.users_file = Some(users);
+        config.server_tls = ServerTlsMode::VerifyFull;
+        config.server_tls_ca_file = Some(pki.ca.clone());
+    })
+    .await;
+
+    let (client, _messages) = support::connect(&conn_str(&harness, "alice", "alice-pw")).await;
+    let ssl = "SELECT ssl::text FROM pg_stat_ssl WHERE pid = pg_backend_pid()";
+    assert_eq!(support::scalar(&client, ssl).await, "true");
+    let pid: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .expect("pid")
+        .get(0);
+    // Terminated from another session through Reprise: alice may signal
+    // her own backends.
+    let (other, _messages) = support::connect(&conn_str(&harness, "alice", "alice-pw")).await;
+    other
+        .execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .expect("terminate");
+    assert_eq!(
+        support::scalar(&client, ssl).await,
+        "true",
+        "the new server connection uses TLS and the recovered key"
+    );
+
+    // A CA that did not sign the server's certificate: refused.
+    let stranger = pki_other_ca(files.path());
+    let strict = Harness::start_on(
+        support::start_cluster(tls_server_options(&pki)).await,
+        |config| {
+            config.server_tls = ServerTlsMode::VerifyFull;
+            config.server_tls_ca_file = Some(stranger);
+        },
+    )
+    .await;
+    let (code, message) = support::refusal(&strict.proxy_conn_str()).await;
+    assert_eq!(
+        code,
+        Some(SqlState::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION)
+    );
+    assert!(message.contains("TLS with server"), "{message}");
+
+    // require against a server without TLS: refused, never sent in clear.
+    let plain = Harness::start_with(Options::default(), |config| {
+        config.server_tls = ServerTlsMode::Require;
+    })
+    .await;
+    let (_, message) = support::refusal(&plain.proxy_conn_str()).await;
+    assert!(message.contains("does not accept TLS"), "{message}");
+    let preferring = Harness::start_with(Options::default(), |config| {
+        config.server_tls = ServerTlsMode::Prefer;
+    })
+    .await;
+    let (client, _messages) = preferring.connect().await;
+    assert_eq!(support::scalar(&client, "SELECT 1").await, "1");
+}
+
+/// A CA file of a CA that signed nothing here.
+fn pki_other_ca(dir: &Path) -> std::path::PathBuf {
+    let other = pki();
+    let path = dir.join("stranger-ca.pem");
+    std::fs::copy(&other.ca, &path).expect("copy ca");
+    path
 }

@@ -543,6 +543,9 @@ pub struct Pki {
     pub cert: std::path::PathBuf,
     pub key: std::path::PathBuf,
     pub ca_der: rustls_pki_types::CertificateDer<'static>,
+    /// The leaf's certificate and key, PEM, for a server's data files.
+    pub cert_pem: String,
+    pub key_pem: String,
     _dir: tempfile::TempDir,
 }
 
@@ -582,6 +585,8 @@ pub fn pki() -> Pki {
         ca: write("ca.pem", &ca.pem()),
         cert: write("server.crt", &cert.pem()),
         key: write("server.key", &leaf_key.serialize_pem()),
+        cert_pem: cert.pem(),
+        key_pem: leaf_key.serialize_pem(),
         ca_der: ca.der().clone(),
         _dir: dir,
     }
