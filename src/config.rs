@@ -868,6 +868,36 @@ mod tests {
     }
 
     #[test]
+    fn auth_settings() {
+        let backend = "[[backend]]\nname = \"a\"\nhost = \"h\"\n";
+        let config = parse(&format!(
+            "auth_type = \"scram-sha-256\"\nclient_tls = \"require\"\ntls_cert_file = \"c.pem\"\ntls_key_file = \"k.pem\"\nserver_tls = \"verify-full\"\nserver_tls_ca_file = \"ca.pem\"\nauth_timeout = \"5s\"\n[[hba]]\ntype = \"hostssl\"\nusers = [\"app\"]\naddress = \"10.0.0.0/8\"\nmethod = \"password\"\n{backend}"
+        ))
+        .expect("valid");
+        assert_eq!(config.auth_type, AuthMethod::ScramSha256);
+        assert_eq!(config.server_tls, ServerTlsMode::VerifyFull);
+        assert_eq!(config.hba[0].method, AuthMethod::Password);
+        assert_eq!(config.auth_timeout.0, Duration::from_secs(5));
+        let no_key = parse(&format!(
+            "client_tls = \"allow\"\ntls_cert_file = \"c\"\n{backend}"
+        ))
+        .expect_err("no key file");
+        assert!(no_key.contains("tls_key_file"), "{no_key}");
+        let no_ca = parse(&format!("server_tls = \"verify-full\"\n{backend}")).expect_err("no ca");
+        assert!(no_ca.contains("server_tls_ca_file"), "{no_ca}");
+        let bad_rule = parse(&format!(
+            "[[hba]]\naddress = \"10.0.0.0/99\"\nmethod = \"md5\"\n{backend}"
+        ))
+        .expect_err("bad cidr");
+        assert!(bad_rule.contains("hba[0].address"), "{bad_rule}");
+        let bad_method =
+            parse(&format!("auth_type = \"kerberos\"\n{backend}")).expect_err("method");
+        assert!(bad_method.contains("auth_type"), "{bad_method}");
+        let clear = parse(&format!("auth_type = \"password\"\n{backend}")).expect_err("clear text");
+        assert!(clear.contains("TLS"), "{clear}");
+    }
+
+    #[test]
     fn units() {
         assert_eq!(
             "5min".parse::<HumanDuration>().expect("ok").0,

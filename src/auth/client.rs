@@ -34,6 +34,9 @@ pub enum AuthError {
     Rejected(String),
     #[error("{0}")]
     Protocol(String),
+    /// The secret could not be looked up (`auth_query`).
+    #[error("{0}")]
+    Unavailable(String),
     #[error("client went away during authentication")]
     Closed,
     #[error("client connection failed during authentication: {0}")]
@@ -46,6 +49,7 @@ impl AuthError {
             AuthError::Failed(_) => Some(sqlstate::INVALID_PASSWORD),
             AuthError::Rejected(_) => Some(sqlstate::INVALID_AUTHORIZATION),
             AuthError::Protocol(_) => Some(sqlstate::PROTOCOL_VIOLATION),
+            AuthError::Unavailable(_) => Some(sqlstate::CLIENT_CANNOT_CONNECT),
             AuthError::Closed | AuthError::Io(_) => None,
         }
     }

@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod hba;
+pub mod lookup;
 pub mod scram;
 
 use crate::config::Config;

@@ -1,5 +1,5 @@
-//! Reprise's own simple queries on a server connection that no client is
-//! using yet (the commit-outcome check after a failover).
+//! Reprise's own queries on a server connection that no client is using
+//! yet (the commit-outcome check after a failover, `auth_query`).
 
 use crate::backend::stream::ServerStream;
 use bytes::BytesMut;
@@ -35,8 +35,55 @@ pub async fn simple_query(
         body.extend_from_slice(sql.as_bytes());
         body.extend_from_slice(&[0]);
     });
+    run(stream, inbox, &out, max_message_size).await
+}
+
+/// Runs `sql` with text parameters `$1`, `$2` … through the extended
+/// protocol (unnamed statement and portal), so that no value is ever
+/// quoted into SQL.
+pub async fn query_with_params(
+    stream: &mut ServerStream,
+    inbox: &mut BytesMut,
+    sql: &str,
+    params: &[&str],
+    max_message_size: usize,
+) -> Result<Vec<TextRow>, QueryError> {
+    let count = i16::try_from(params.len()).expect("a handful of parameters");
+    let mut out = BytesMut::new();
+    frame::write_frame(&mut out, Some(b'P'), |body| {
+        body.extend_from_slice(&[0]);
+        body.extend_from_slice(sql.as_bytes());
+        body.extend_from_slice(&[0]);
+        body.extend_from_slice(&0i16.to_be_bytes());
+    });
+    frame::write_frame(&mut out, Some(b'B'), |body| {
+        body.extend_from_slice(&[0, 0]);
+        body.extend_from_slice(&0i16.to_be_bytes());
+        body.extend_from_slice(&count.to_be_bytes());
+        for param in params {
+            let len = i32::try_from(param.len()).expect("a short parameter");
+            body.extend_from_slice(&len.to_be_bytes());
+            body.extend_from_slice(param.as_bytes());
+        }
+        body.extend_from_slice(&0i16.to_be_bytes());
+    });
+    frame::write_frame(&mut out, Some(b'E'), |body| {
+        body.extend_from_slice(&[0]);
+        body.extend_from_slice(&0i32.to_be_bytes());
+    });
+    frame::write_frame(&mut out, Some(b'S'), |_| {});
+    run(stream, inbox, &out, max_message_size).await
+}
+
+/// Sends `request` and collects the rows up to ReadyForQuery.
+async fn run(
+    stream: &mut ServerStream,
+    inbox: &mut BytesMut,
+    request: &[u8],
+    max_message_size: usize,
+) -> Result<Vec<TextRow>, QueryError> {
     stream
-        .write_all(&out)
+        .write_all(request)
         .await
         .map_err(|err| QueryError::Lost(err.to_string()))?;
     let mut rows = Vec::new();

@@ -13,7 +13,7 @@ use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 
 use crate::auth::client::AuthError;
-use crate::auth::hba::{self, Peer};
+use crate::auth::hba::{self, AuthMethod, Peer};
 use crate::auth::scram::Binding;
 use crate::auth::{self, Credential};
 use crate::config::{ClientTlsMode, Config};
@@ -194,7 +194,16 @@ async fn authenticate(
         ))
     })?;
     let users = shared.users();
-    let entry = users.entry(&user).cloned();
+    let entry = match (users.entry(&user), &config.auth_user) {
+        (Some(entry), _) => Some(Arc::clone(entry)),
+        // Nothing to look up for a method that asks for no secret.
+        (None, Some(auth_user)) if method != AuthMethod::Trust => {
+            auth::lookup::look_up(shared, config, auth_user, &database, &user)
+                .await
+                .map_err(AuthError::Unavailable)?
+        }
+        (None, _) => None,
+    };
     let binding = match &tls.client {
         Some(client_tls) if client.is_tls() => Binding::EndPoint(client_tls.end_point.clone()),
         _ => Binding::Unsupported,

@@ -691,3 +691,49 @@ fn pki_other_ca(dir: &Path) -> std::path::PathBuf {
     std::fs::copy(&other.ca, &path).expect("copy ca");
     path
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_query_fetches_the_verifier_and_the_session_reconnects_with_it() {
+    let cluster = support::start_cluster(server_options("scram-sha-256")).await;
+    create_roles(&cluster, &[("alice", "alice-pw")]).await;
+    // No users file at all: the server trusts postgres, who reads
+    // pg_shadow for everyone else.
+    let harness = Harness::start_on(cluster, |config| {
+        config.auth_type = AuthMethod::ScramSha256;
+        config.auth_user = Some("postgres".to_owned());
+    })
+    .await;
+    let (client, _messages) = support::connect(&conn_str(&harness, "alice", "alice-pw")).await;
+    assert_eq!(
+        support::scalar(&client, "SELECT current_user").await,
+        "alice"
+    );
+    let before = server_pid_of(&harness.cluster, "alice").await;
+    terminate(&harness.cluster, before[0]).await;
+    assert_eq!(
+        support::scalar(&client, "SELECT current_user").await,
+        "alice"
+    );
+    assert_ne!(server_pid_of(&harness.cluster, "alice").await, before);
+
+    let (wrong_code, wrong) = support::refusal(&conn_str(&harness, "alice", "nope")).await;
+    let (unknown_code, unknown) = support::refusal(&conn_str(&harness, "nobody", "nope")).await;
+    assert_eq!(wrong_code, Some(SqlState::INVALID_PASSWORD));
+    assert_eq!(unknown_code, wrong_code);
+    assert_eq!(anonymous(&wrong, "alice"), anonymous(&unknown, "nobody"));
+    // The lookups leave no connection behind.
+    let (admin, _messages) = support::connect(&harness.cluster.conn_str()).await;
+    support::eventually(
+        Duration::from_secs(5),
+        "lookup connections close",
+        || async {
+            support::scalar(
+            &admin,
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'reprise auth_query'",
+        )
+        .await
+            == "0"
+        },
+    )
+    .await;
+}
