@@ -57,6 +57,11 @@ pub struct BenchArgs {
     /// when its server process is terminated, over this many failures.
     #[arg(long, value_name = "FAILURES")]
     recovery: Option<usize>,
+    /// Instead of the pgbench matrix, time refused logins of a known and
+    /// an unknown user (and a successful one) under scram-sha-256 and md5,
+    /// this many attempts each.
+    #[arg(long, value_name = "ATTEMPTS")]
+    auth: Option<usize>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -124,6 +129,30 @@ fn bench(args: &BenchArgs, interrupted: &CancellationToken) -> anyhow::Result<()
     let work = tempfile::Builder::new()
         .prefix("reprise-bench-")
         .tempdir()?;
+    if let Some(attempts) = args.auth {
+        let users = work.path().join("users.txt");
+        crate::auth_bench::write_users_file(&users)?;
+        let mut proxies = Vec::new();
+        let mut running = Vec::new();
+        for method in ["scram-sha-256", "md5"] {
+            let port = throwaway_pg::lease_port()?;
+            running.push(start_reprise(
+                &work.path().join(method),
+                port.port(),
+                cluster.port(),
+                &format!(
+                    "auth_type = \"{method}\"\nusers_file = \"{}\"\n",
+                    users.display()
+                ),
+            )?);
+            wait_for_port(port.port()).context("reprise does not accept connections")?;
+            proxies.push((method, port));
+        }
+        let ports: Vec<(&str, u16)> = proxies.iter().map(|(m, p)| (*m, p.port())).collect();
+        let report = crate::auth_bench::run(attempts, &ports)?;
+        print!("{report}");
+        return Ok(());
+    }
     if let Some(failures) = args.recovery {
         let reprise_port = throwaway_pg::lease_port()?;
         let _reprise = start_reprise(

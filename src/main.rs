@@ -1,5 +1,6 @@
 //! The `reprise` command line.
 
+mod auth_bench;
 mod bench;
 mod demo;
 mod journal_cli;

@@ -137,7 +137,7 @@ fn report(failures: usize, pauses: &mut [Duration], round_trips: &mut [Duration]
 }
 
 /// The nearest-rank percentile of sorted `values`.
-fn percentile(values: &[Duration], fraction: f64) -> Duration {
+pub(crate) fn percentile(values: &[Duration], fraction: f64) -> Duration {
     if values.is_empty() {
         return Duration::ZERO;
     }

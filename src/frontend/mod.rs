@@ -193,6 +193,11 @@ async fn authenticate(
             if peer.tls { "TLS on" } else { "TLS off" },
         ))
     })?;
+    if method == AuthMethod::Password && client.is_tcp() && !client.is_tls() {
+        return Err(AuthError::Rejected(format!(
+            "password authentication for user \"{user}\" is only offered over TLS; connect with sslmode=require"
+        )));
+    }
     let users = shared.users();
     let entry = match (users.entry(&user), &config.auth_user) {
         (Some(entry), _) => Some(Arc::clone(entry)),

@@ -737,3 +737,51 @@ async fn auth_query_fetches_the_verifier_and_the_session_reconnects_with_it() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clear_text_passwords_only_over_tls() {
+    let files = tempfile::tempdir().expect("tempdir");
+    let users = users_file(files.path(), &[("postgres", "pg-pw")]);
+    let pki = pki();
+    let harness = Harness::start_with(Options::default(), |config| {
+        config.users_file = Some(users);
+        config.auth_type = AuthMethod::Password;
+        config.client_tls = ClientTlsMode::Allow;
+        config.tls_cert_file = Some(pki.cert.clone());
+        config.tls_key_file = Some(pki.key.clone());
+    })
+    .await;
+    let port = harness.proxy.port();
+    let plain = psql(
+        &harness,
+        &format!("host=127.0.0.1 port={port} user=postgres dbname=postgres sslmode=disable"),
+        "pg-pw",
+        "SELECT 1",
+    );
+    assert!(!plain.status.success());
+    let stderr = String::from_utf8_lossy(&plain.stderr);
+    assert!(stderr.contains("only offered over TLS"), "{stderr}");
+    let over_tls = psql(
+        &harness,
+        &format!("host=127.0.0.1 port={port} user=postgres dbname=postgres sslmode=require"),
+        "pg-pw",
+        "SELECT 'over tls'",
+    );
+    assert!(
+        over_tls.status.success(),
+        "{}",
+        String::from_utf8_lossy(&over_tls.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&over_tls.stdout).trim(), "over tls");
+    let wrong = psql(
+        &harness,
+        &format!("host=127.0.0.1 port={port} user=postgres dbname=postgres sslmode=require"),
+        "nope",
+        "SELECT 1",
+    );
+    let stderr = String::from_utf8_lossy(&wrong.stderr);
+    assert!(
+        stderr.contains("password authentication failed for user \"postgres\""),
+        "{stderr}"
+    );
+}
