@@ -23,6 +23,7 @@ pub mod replay;
 pub mod session;
 pub mod state;
 pub mod stats;
+mod stream_io;
 pub mod template;
 pub mod tls;
 pub mod users;

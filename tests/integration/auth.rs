@@ -535,6 +535,16 @@ async fn bad_tls_files_and_unrecoverable_users_are_refused_at_start() {
         "{message}"
     );
 
+    let no_ca = data.path().join("no-such-ca.pem");
+    let mut config = base();
+    config.server_tls = ServerTlsMode::VerifyFull;
+    config.server_tls_ca_file = Some(no_ca.clone());
+    let message = refusal(config).await;
+    assert!(
+        message.contains("server_tls_ca_file") && message.contains(&no_ca.display().to_string()),
+        "{message}"
+    );
+
     // A verifier alone, with trust for that user: nothing to log in with
     // after a failure.
     let verifier = "SCRAM-SHA-256$4096:c2FsdHNhbHRzYWx0c2FsdA==$Xc9qgHgPf3PDy/kNUqJRaBv5zsR3wtNhyPsW8HA7mqc=:OI6lTJ9yqnZoQYAMoQ2XNtLv5H/Z3jMLpJwXDbPYDWY=";
