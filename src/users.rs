@@ -196,6 +196,16 @@ impl Users {
         crate::auth::Credential::from_secret(self.secret(user)?)
     }
 
+    /// Whether more users have a SCRAM verifier than another secret.
+    pub fn mostly_verifiers(&self) -> bool {
+        let verifiers = self
+            .entries
+            .values()
+            .filter(|entry| matches!(entry.secret, Secret::Scram(_)))
+            .count();
+        2 * verifiers > self.entries.len()
+    }
+
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.entries.keys().map(String::as_str)
     }

@@ -69,12 +69,18 @@ impl From<std::io::Error> for AuthError {
 /// proof taught about the user's secret (the password itself, or a SCRAM
 /// client key), none for `trust`. Sends nothing on success: the session
 /// says AuthenticationOk once its server connection is ready.
+///
+/// Under `md5` a user with a SCRAM verifier is asked for SCRAM, so an
+/// unknown user must look like the users one is most likely to guess:
+/// `unknown_as_scram` says whether that is a verifier user (PostgreSQL
+/// decides the same by password_encryption).
 pub async fn authenticate<S>(
     client: &mut S,
     method: AuthMethod,
     user: &str,
     entry: Option<Arc<Entry>>,
     binding: Binding,
+    unknown_as_scram: bool,
 ) -> Result<Option<Credential>, AuthError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -88,7 +94,10 @@ where
         AuthMethod::Password => password(client, user, secret).await.map(Some),
         // As PostgreSQL: md5 for a user whose secret is a SCRAM verifier
         // means SCRAM.
-        AuthMethod::Md5 if !matches!(secret, Some(Secret::Scram(_))) => {
+        AuthMethod::Md5
+            if !matches!(secret, Some(Secret::Scram(_)))
+                && (secret.is_some() || !unknown_as_scram) =>
+        {
             md5(client, user, secret).await.map(Some)
         }
         AuthMethod::Md5 | AuthMethod::ScramSha256 => {
@@ -379,11 +388,41 @@ mod tests {
             "alice",
             entry,
             Binding::Unsupported,
+            false,
         )
         .await;
         drop(server);
         let _ = client_task.await;
         result
+    }
+
+    /// The kind of the first Authentication request `method` sends for an
+    /// unknown user.
+    async fn first_request(method: AuthMethod, unknown_as_scram: bool) -> i32 {
+        let (mut server, mut client) = tokio::io::duplex(64 * 1024);
+        let asking = tokio::spawn(async move {
+            authenticate(
+                &mut server,
+                method,
+                "ghost",
+                None,
+                Binding::Unsupported,
+                unknown_as_scram,
+            )
+            .await
+        });
+        let request = read(&mut client).await.expect("a request");
+        drop(client);
+        let _ = asking.await;
+        i32::from_be_bytes([request[0], request[1], request[2], request[3]])
+    }
+
+    #[tokio::test]
+    async fn an_unknown_user_under_md5_looks_like_the_likely_user() {
+        assert_eq!(first_request(AuthMethod::Md5, false).await, 5);
+        assert_eq!(first_request(AuthMethod::Md5, true).await, 10);
+        assert_eq!(first_request(AuthMethod::ScramSha256, false).await, 10);
+        assert_eq!(first_request(AuthMethod::Password, false).await, 3);
     }
 
     fn verifier_entry(password: &str) -> Arc<Entry> {

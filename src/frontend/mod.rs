@@ -213,7 +213,9 @@ async fn authenticate(
         Some(client_tls) if client.is_tls() => Binding::EndPoint(client_tls.end_point.clone()),
         _ => Binding::Unsupported,
     };
-    let learned = auth::client::authenticate(client, method, &user, entry, binding).await?;
+    let unknown_as_scram = config.auth_user.is_some() || users.mostly_verifiers();
+    let learned =
+        auth::client::authenticate(client, method, &user, entry, binding, unknown_as_scram).await?;
     Ok(learned.or_else(|| users.login(&user)))
 }
 
