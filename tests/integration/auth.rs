@@ -256,8 +256,9 @@ async fn psql_and_tokio_postgres_log_in_over_verify_full_tls_with_channel_bindin
         .dbname("postgres")
         .ssl_mode(SslMode::Require)
         .channel_binding(ChannelBinding::Require);
+    let connector = tokio_postgres_rustls::MakeRustlsConnect::new(tls_client);
     let (client, connection) = config
-        .connect(tokio_postgres_rustls::MakeRustlsConnect::new(tls_client))
+        .connect(connector.clone())
         .await
         .expect("tokio-postgres over TLS with channel binding");
     tokio::spawn(connection);
@@ -266,6 +267,37 @@ async fn psql_and_tokio_postgres_log_in_over_verify_full_tls_with_channel_bindin
         .await
         .expect("query");
     assert_eq!(row.get::<_, String>(0), "alice");
+
+    // A cancel request comes on a connection of its own, over TLS too.
+    let token = client.cancel_token();
+    let sleeping = tokio::spawn(async move { client.batch_execute("SELECT pg_sleep(30)").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    token.cancel_query(connector).await.expect("cancel sent");
+    let cancelled = tokio::time::timeout(Duration::from_secs(10), sleeping)
+        .await
+        .expect("the sleep ends soon")
+        .expect("join")
+        .expect_err("cancelled");
+    assert_eq!(cancelled.code(), Some(&SqlState::QUERY_CANCELED));
+
+    // A client that asks for TLS and then sends garbage is dropped; the
+    // proxy goes on.
+    let mut garbage = tokio::net::TcpStream::connect(harness.proxy)
+        .await
+        .expect("tcp");
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    garbage
+        .write_all(&[0, 0, 0, 8, 4, 210, 22, 47])
+        .await
+        .expect("ssl request");
+    let mut answer = [0u8; 1];
+    garbage.read_exact(&mut answer).await.expect("answer");
+    assert_eq!(&answer, b"S");
+    garbage.write_all(&[0x42; 300]).await.expect("garbage");
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), garbage.read_to_end(&mut rest)).await;
+    let out = psql(&harness, &verified, "alice-pw", "SELECT 'after garbage'");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "after garbage");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
