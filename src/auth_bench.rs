@@ -10,29 +10,37 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use reprise::auth::scram::{Verifier, DEFAULT_ITERATIONS};
+use anyhow::Context;
 use tokio_postgres::NoTls;
 
 use crate::recovery_bench::percentile;
 
 /// (label, user, password, expected to log in)
 const CASES: &[(&str, &str, &str, bool)] = &[
-    ("right password", "postgres", "bench-pw", true),
-    ("wrong password, password known", "postgres", "wrong", false),
+    ("right password", "bencher", "bench-pw", true),
+    ("wrong password, password known", "bencher", "wrong", false),
     ("wrong password, verifier known", "vera", "wrong", false),
     ("unknown user", "ghost", "wrong", false),
 ];
 
-/// The users file the bench's proxies read.
-pub fn write_users_file(path: &Path) -> std::io::Result<()> {
-    let verifier = Verifier::from_password("vera-pw", b"bench-salt-16byt", DEFAULT_ITERATIONS);
+/// Creates the roles and writes the users file the proxies read: a
+/// password for one role, the server's own verifier for the other.
+pub fn prepare(cluster: &throwaway_pg::Cluster, users: &Path) -> anyhow::Result<()> {
+    let verifier = cluster
+        .psql(
+            "CREATE ROLE bencher LOGIN PASSWORD 'bench-pw';
+             CREATE ROLE vera LOGIN PASSWORD 'vera-pw';
+             SELECT rolpassword FROM pg_authid WHERE rolname = 'vera';",
+        )
+        .context("cannot create the bench roles")?;
     std::fs::write(
-        path,
+        users,
         format!(
-            "\"postgres\" \"bench-pw\"\n\"vera\" \"{}\"\n",
-            verifier.encode()
+            "\"bencher\" \"bench-pw\"\n\"vera\" \"{}\"\n",
+            verifier.trim()
         ),
-    )
+    )?;
+    Ok(())
 }
 
 pub fn run(attempts: usize, proxies: &[(&str, u16)]) -> anyhow::Result<String> {
@@ -46,7 +54,7 @@ async fn measure(attempts: usize, proxies: &[(&str, u16)]) -> anyhow::Result<Str
     let mut report = String::new();
     for (method, port) in proxies {
         let progress =
-            indicatif::ProgressBar::new(attempts as u64).with_message(format!("{method} rounds"));
+            indicatif::ProgressBar::new(attempts as u64).with_message(format!("{method}: rounds"));
         let mut times = vec![Vec::with_capacity(attempts); CASES.len()];
         for _ in 0..attempts {
             // A fresh order each round: a case run just after a successful
@@ -82,7 +90,7 @@ async fn measure(attempts: usize, proxies: &[(&str, u16)]) -> anyhow::Result<Str
 fn table(method: &str, attempts: usize, times: &mut [Vec<Duration>]) -> String {
     let ms = |duration: Duration| duration.as_secs_f64() * 1000.0;
     let mut out = format!(
-        "\nclient login through Reprise, auth_type = {method}, {attempts} attempts per case, interleaved:\n{:<34} {:>9} {:>9} {:>9}\n",
+        "\nclient login, {method}, {attempts} attempts per case, interleaved:\n{:<34} {:>9} {:>9} {:>9}\n",
         "(ms)", "p50", "p90", "p99"
     );
     for (index, (label, ..)) in CASES.iter().enumerate() {

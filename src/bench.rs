@@ -119,6 +119,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 }
 
 fn bench(args: &BenchArgs, interrupted: &CancellationToken) -> anyhow::Result<()> {
+    if let Some(attempts) = args.auth {
+        return auth_bench(attempts);
+    }
     let max_clients = args.clients.iter().copied().max().unwrap_or(32);
     let cluster = throwaway_pg::Cluster::start_with(throwaway_pg::Options {
         max_connections: max_clients * 2 + 20,
@@ -129,30 +132,6 @@ fn bench(args: &BenchArgs, interrupted: &CancellationToken) -> anyhow::Result<()
     let work = tempfile::Builder::new()
         .prefix("reprise-bench-")
         .tempdir()?;
-    if let Some(attempts) = args.auth {
-        let users = work.path().join("users.txt");
-        crate::auth_bench::write_users_file(&users)?;
-        let mut proxies = Vec::new();
-        let mut running = Vec::new();
-        for method in ["scram-sha-256", "md5"] {
-            let port = throwaway_pg::lease_port()?;
-            running.push(start_reprise(
-                &work.path().join(method),
-                port.port(),
-                cluster.port(),
-                &format!(
-                    "auth_type = \"{method}\"\nusers_file = \"{}\"\n",
-                    users.display()
-                ),
-            )?);
-            wait_for_port(port.port()).context("reprise does not accept connections")?;
-            proxies.push((method, port));
-        }
-        let ports: Vec<(&str, u16)> = proxies.iter().map(|(m, p)| (*m, p.port())).collect();
-        let report = crate::auth_bench::run(attempts, &ports)?;
-        print!("{report}");
-        return Ok(());
-    }
     if let Some(failures) = args.recovery {
         let reprise_port = throwaway_pg::lease_port()?;
         let _reprise = start_reprise(
@@ -565,6 +544,57 @@ fn median(values: &mut [f64]) -> f64 {
 }
 
 /// A Reprise with `settings` (TOML) on top of the defaults.
+/// `--auth`: a server that asks every user but its superuser for
+/// SCRAM, one Reprise per client method in front of it, and the server
+/// itself for reference.
+fn auth_bench(attempts: usize) -> anyhow::Result<()> {
+    let cluster = throwaway_pg::Cluster::start_with(throwaway_pg::Options {
+        hba: Some(
+            "local all all trust\nhost all postgres 127.0.0.1/32 trust\nhost all all 127.0.0.1/32 scram-sha-256\n"
+                .to_owned(),
+        ),
+        ..throwaway_pg::Options::default()
+    })
+    .context("cannot start a throwaway PostgreSQL")?;
+    let work = tempfile::Builder::new()
+        .prefix("reprise-bench-")
+        .tempdir()?;
+    let users = work.path().join("users.txt");
+    crate::auth_bench::prepare(&cluster, &users)?;
+    let mut targets = vec![("PostgreSQL directly, scram-sha-256", cluster.port())];
+    let mut leases = Vec::new();
+    let mut running = Vec::new();
+    for method in ["scram-sha-256", "md5"] {
+        let port = throwaway_pg::lease_port()?;
+        running.push(start_reprise(
+            &work.path().join(method),
+            port.port(),
+            cluster.port(),
+            &format!(
+                "auth_type = \"{method}\"\nusers_file = \"{}\"\n",
+                users.display()
+            ),
+        )?);
+        wait_for_port(port.port()).context("reprise does not accept connections")?;
+        targets.push((
+            if method == "md5" {
+                "Reprise, auth_type = md5"
+            } else {
+                "Reprise, auth_type = scram-sha-256"
+            },
+            port.port(),
+        ));
+        leases.push(port);
+    }
+    println!(
+        "PostgreSQL on port {}; {attempts} attempts per case …",
+        cluster.port()
+    );
+    let report = crate::auth_bench::run(attempts, &targets)?;
+    print!("{report}");
+    Ok(())
+}
+
 fn start_reprise(
     work: &Path,
     port: u16,
