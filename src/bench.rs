@@ -49,6 +49,10 @@ pub struct BenchArgs {
     /// journal costs (the journal/no-journal column).
     #[arg(long)]
     journal: bool,
+    /// Also run one Reprise per worker count given here (`workers = N`),
+    /// to compare thread counts in the same run (the wN/pgbouncer columns).
+    #[arg(long, value_delimiter = ',', value_name = "COUNTS")]
+    workers: Vec<usize>,
     /// pgbench workloads: `select` (-S) and `tpcb` (the built-in TPC-B
     /// like script).
     #[arg(long, value_delimiter = ',', default_value = "select")]
@@ -86,18 +90,66 @@ enum Target {
     PgBouncer,
     RepriseUntracked,
     RepriseNoJournal,
+    RepriseWorkers(usize),
 }
 
 impl Target {
-    fn name(self) -> &'static str {
+    fn name(self) -> String {
         match self {
-            Target::Direct => "direct",
-            Target::Reprise => "reprise",
-            Target::PgBouncer => "pgbouncer",
-            Target::RepriseUntracked => "untracked",
-            Target::RepriseNoJournal => "nojournal",
+            Target::Direct => "direct".to_owned(),
+            Target::Reprise => "reprise".to_owned(),
+            Target::PgBouncer => "pgbouncer".to_owned(),
+            Target::RepriseUntracked => "untracked".to_owned(),
+            Target::RepriseNoJournal => "nojournal".to_owned(),
+            Target::RepriseWorkers(count) => format!("w{count}"),
         }
     }
+}
+
+/// A ratio column: `numerator / denominator`, both targets of the run.
+#[derive(Clone, Debug)]
+struct RatioColumn {
+    header: String,
+    numerator: usize,
+    denominator: usize,
+}
+
+/// The ratio columns this run can fill: Reprise against direct and
+/// PgBouncer, each variant against the Reprise it differs from, and each
+/// worker count against PgBouncer.
+fn ratio_columns(targets: &[Target]) -> (Vec<RatioColumn>, Vec<RatioColumn>) {
+    let at = |wanted: Target| targets.iter().position(|target| *target == wanted);
+    let column = |header: &str, numerator: Option<usize>, denominator: Option<usize>| {
+        Some(RatioColumn {
+            header: header.to_owned(),
+            numerator: numerator?,
+            denominator: denominator?,
+        })
+    };
+    let reprise = at(Target::Reprise);
+    let pgbouncer = at(Target::PgBouncer);
+    let mut tps = vec![
+        column("reprise/direct", reprise, at(Target::Direct)),
+        column("reprise/pgbouncer", reprise, pgbouncer),
+    ];
+    let mut cpu = vec![column("reprise/pgbouncer", reprise, pgbouncer)];
+    let variants = [
+        column("tracked/untracked", reprise, at(Target::RepriseUntracked)),
+        column("journal/nojournal", reprise, at(Target::RepriseNoJournal)),
+    ];
+    tps.extend(variants.iter().cloned());
+    cpu.extend(variants);
+    for (index, target) in targets.iter().enumerate() {
+        if let Target::RepriseWorkers(count) = target {
+            let header = format!("w{count}/pgbouncer");
+            tps.push(column(&header, Some(index), pgbouncer));
+            cpu.push(column(&header, Some(index), pgbouncer));
+        }
+    }
+    (
+        tps.into_iter().flatten().collect(),
+        cpu.into_iter().flatten().collect(),
+    )
 }
 
 /// A child process killed on drop, so that an error or Ctrl-C never leaves
@@ -232,6 +284,24 @@ fn bench(args: &BenchArgs, interrupted: &CancellationToken) -> anyhow::Result<()
     } else {
         None
     };
+    let mut _by_workers = Vec::new();
+    let mut worker_ports = Vec::new();
+    for &count in &args.workers {
+        let port = throwaway_pg::lease_port()?;
+        let child = start_reprise(
+            &work.path().join(format!("workers-{count}")),
+            port.port(),
+            cluster.port(),
+            &format!("workers = {count}\n"),
+        )?;
+        targets.push((
+            Target::RepriseWorkers(count),
+            port.port(),
+            Some(child.0.id()),
+        ));
+        _by_workers.push(child);
+        worker_ports.push(port);
+    }
     for (target, port, _) in &targets {
         wait_for_port(*port)
             .with_context(|| format!("{} does not accept connections", target.name()))?;
@@ -249,11 +319,16 @@ fn bench(args: &BenchArgs, interrupted: &CancellationToken) -> anyhow::Result<()
     for (target, _, _) in &targets {
         write!(report, " {:>13}", format!("{} tps", target.name()))?;
     }
-    writeln!(
-        report,
-        " {:>15} {:>18} {:>18} {:>18}",
-        "reprise/direct", "reprise/pgbouncer", "tracked/untracked", "journal/nojournal"
-    )?;
+    let (tps_columns, cpu_columns) = ratio_columns(
+        &targets
+            .iter()
+            .map(|(target, _, _)| *target)
+            .collect::<Vec<_>>(),
+    );
+    for column in &tps_columns {
+        write!(report, " {:>18}", column.header)?;
+    }
+    writeln!(report)?;
     let mut cpu_report = String::new();
     writeln!(
         cpu_report,
@@ -265,13 +340,10 @@ fn bench(args: &BenchArgs, interrupted: &CancellationToken) -> anyhow::Result<()
             write!(cpu_report, " {:>13}", target.name())?;
         }
     }
-    writeln!(
-        cpu_report,
-        " {:>18} {:>18} {:>18}",
-        "reprise/pgbouncer", "tracked/untracked", "journal/nojournal"
-    )?;
-    let position = |wanted: Target| targets.iter().position(|(target, _, _)| *target == wanted);
-    let reprise_at = position(Target::Reprise).unwrap_or(1);
+    for column in &cpu_columns {
+        write!(cpu_report, " {:>18}", column.header)?;
+    }
+    writeln!(cpu_report)?;
     let mut all_samples: Vec<Vec<Sample>> = vec![Vec::new(); targets.len()];
     let cells: Vec<(Workload, &String)> = args
         .workloads
@@ -326,8 +398,8 @@ fn bench(args: &BenchArgs, interrupted: &CancellationToken) -> anyhow::Result<()
                 &mut cpu_report,
                 &format!("{:<17} {clients:>7}", format!("{}/{mode}", workload.name())),
                 &samples,
-                reprise_at,
-                &position,
+                &tps_columns,
+                &cpu_columns,
             )?;
             for (all, runs) in all_samples.iter_mut().zip(samples) {
                 all.extend(runs);
@@ -341,8 +413,8 @@ fn bench(args: &BenchArgs, interrupted: &CancellationToken) -> anyhow::Result<()
             &mut cpu_report,
             &format!("{:<25}", "all rounds"),
             &all_samples,
-            reprise_at,
-            &position,
+            &tps_columns,
+            &cpu_columns,
         )?;
     }
     println!("{report}{cpu_report}");
@@ -364,26 +436,22 @@ fn round_order(round: usize, targets: usize) -> Vec<usize> {
 }
 
 /// One row of each table: median TPS and CPU per transaction per target,
-/// then Reprise's ratios to the others.
+/// then the ratio columns.
 fn write_rows(
     report: &mut String,
     cpu_report: &mut String,
     label: &str,
     samples: &[Vec<Sample>],
-    reprise_at: usize,
-    position: &dyn Fn(Target) -> Option<usize>,
+    tps_columns: &[RatioColumn],
+    cpu_columns: &[RatioColumn],
 ) -> std::fmt::Result {
-    let ratio = |other: Target, value: &dyn Fn(&Sample) -> Option<f64>| {
-        position(other)
-            .map(|at| {
-                format!(
-                    "{:.3}",
-                    paired_median(&samples[reprise_at], &samples[at], value)
-                )
-            })
-            .unwrap_or_else(|| "-".to_owned())
+    let ratio = |column: &RatioColumn, value: &dyn Fn(&Sample) -> Option<f64>| {
+        paired_median(
+            &samples[column.numerator],
+            &samples[column.denominator],
+            value,
+        )
     };
-    let tps = |s: &Sample| Some(s.tps);
     let cpu = |s: &Sample| s.cpu_per_transaction;
     write!(report, "{label}")?;
     write!(cpu_report, "{label}")?;
@@ -395,21 +463,18 @@ fn write_rows(
             write!(cpu_report, " {:>13.1}", median(&mut values))?;
         }
     }
-    writeln!(
-        report,
-        " {:>15} {:>18} {:>18} {:>18}",
-        ratio(Target::Direct, &tps),
-        ratio(Target::PgBouncer, &tps),
-        ratio(Target::RepriseUntracked, &tps),
-        ratio(Target::RepriseNoJournal, &tps),
-    )?;
-    writeln!(
-        cpu_report,
-        " {:>18} {:>18} {:>18}",
-        ratio(Target::PgBouncer, &cpu),
-        ratio(Target::RepriseUntracked, &cpu),
-        ratio(Target::RepriseNoJournal, &cpu),
-    )
+    for column in tps_columns {
+        write!(
+            report,
+            " {:>18.3}",
+            ratio(column, &|s: &Sample| Some(s.tps))
+        )?;
+    }
+    writeln!(report)?;
+    for column in cpu_columns {
+        write!(cpu_report, " {:>18.3}", ratio(column, &cpu))?;
+    }
+    writeln!(cpu_report)
 }
 
 #[derive(Clone, Copy, Debug)]
