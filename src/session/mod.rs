@@ -263,6 +263,10 @@ where
             }
             _ => None,
         };
+        // Only a capture records the commands that end at a safe point.
+        flow.replay.keep_messages_at_safe_points(
+            recorder.is_some() && config.journal.retain == crate::journal::Retain::All,
+        );
 
         let mut relay = Relay::new(client, server.stream, server.pending);
         relay.to_client.push(greeting.freeze());

@@ -19,6 +19,10 @@ use crate::template::{StateHash, TemplateId};
 use crate::wire::frame::HEADER_LEN;
 use crate::wire::frontend::FrontendKind;
 
+/// The largest message buffer kept for reuse; a bigger one (a long COPY,
+/// say) is given back.
+const SPARE_CAPACITY: usize = 64 * 1024;
+
 /// One request, as sent and as answered.
 #[derive(Debug)]
 pub struct Command {
@@ -85,6 +89,13 @@ pub struct ReplayLog {
     /// Notices the client received for the oldest command in flight.
     notices: u32,
     next_seq: u64,
+    /// Whether a command completed at a safe point still hands its
+    /// messages on (capture mode records every command); otherwise its
+    /// buffer is kept for the next command.
+    keep_at_safe_points: bool,
+    /// A message buffer to reuse, so that a session in autocommit
+    /// allocates nothing per command.
+    spare: Vec<u8>,
 }
 
 impl ReplayLog {
@@ -100,7 +111,15 @@ impl ReplayLog {
             answered: 0,
             notices: 0,
             next_seq: 1,
+            keep_at_safe_points: true,
+            spare: Vec::new(),
         }
+    }
+
+    /// Whether commands completed at a safe point keep their messages in
+    /// [`Completed`]; nothing but a capture needs them.
+    pub fn keep_messages_at_safe_points(&mut self, keep: bool) {
+        self.keep_at_safe_points = keep;
     }
 
     /// A client message sent to the server, running `statements`.
@@ -162,7 +181,7 @@ impl ReplayLog {
             self.next_seq += 1;
             self.in_flight.push_back(Command {
                 seq,
-                messages: Vec::new(),
+                messages: std::mem::take(&mut self.spare),
                 message_len: 0,
                 omitted: if self.over_bound {
                     Omission::OverBound
@@ -282,17 +301,28 @@ impl ReplayLog {
         state_hash: StateHash,
         safe_point: Option<TemplateId>,
     ) -> Option<Completed> {
-        let command = self.in_flight.pop_front()?;
+        let mut command = self.in_flight.pop_front()?;
         self.digest.update(&[b'Z', status]);
         let result_digest = *self.digest.finalize().as_bytes();
         self.digest.reset();
         self.answered = 0;
         self.notices = 0;
+        let messages = if safe_point.is_some() && !self.keep_at_safe_points {
+            // Nothing keeps them: the buffer serves the next command.
+            self.bytes -= command.messages.len().min(self.bytes);
+            command.messages.clear();
+            if command.messages.capacity() <= SPARE_CAPACITY {
+                self.spare = std::mem::take(&mut command.messages);
+            }
+            Bytes::new()
+        } else {
+            Bytes::from(command.messages)
+        };
         let completed = Completed {
             seq: command.seq,
             message_len: command.message_len,
             omitted: command.omitted,
-            messages: Bytes::from(command.messages),
+            messages,
             state_hash,
             result_digest,
             risk: command.risk,
@@ -427,6 +457,38 @@ mod tests {
         assert_eq!(second.seq, 2);
         assert_eq!(log.done().len(), 2);
         assert!(log.completed(b'I', hash(3), None).is_none());
+    }
+
+    #[test]
+    fn a_command_ending_at_a_safe_point_lends_its_buffer_to_the_next() {
+        let template = TemplateId::from_bytes([5; 32]);
+        let select = frame(b'Q', b"SELECT 1\0");
+        let mut log = ReplayLog::new(1024);
+        log.keep_messages_at_safe_points(false);
+        log.client_message(FrontendKind::Query, &select, &[], true);
+        let done = log.completed(b'I', hash(1), Some(template)).expect("done");
+        assert!(done.messages.is_empty());
+        assert_eq!(done.message_len, select.len() as u64);
+        assert_eq!(log.bytes(), 0);
+        assert!(log.spare.capacity() >= select.len(), "the buffer is kept");
+        log.client_message(FrontendKind::Query, &select, &[], true);
+        assert_eq!(log.spare.capacity(), 0, "the next command took it");
+        log.client_message(FrontendKind::Query, &frame(b'Q', b"BEGIN\0"), &[], true);
+        let first = log.completed(b'I', hash(1), Some(template)).expect("first");
+        assert!(first.messages.is_empty());
+        let begin = log.completed(b'T', hash(2), None).expect("begin");
+        assert_eq!(
+            &begin.messages[..],
+            &frame(b'Q', b"BEGIN\0")[..],
+            "kept for replay"
+        );
+
+        let mut capture = ReplayLog::new(1024);
+        capture.client_message(FrontendKind::Query, &select, &[], true);
+        let done = capture
+            .completed(b'I', hash(1), Some(template))
+            .expect("done");
+        assert_eq!(&done.messages[..], &select[..]);
     }
 
     #[test]
