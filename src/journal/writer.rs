@@ -206,6 +206,14 @@ impl JournalHandle {
         appended
     }
 
+    /// Records a session dropped before handing them over, because a
+    /// later safe point made them moot.
+    pub fn count_superseded(&self, records: u64) {
+        if records > 0 {
+            self.channel.stats.journal_records_superseded.add(records);
+        }
+    }
+
     /// Whether `template` still has to be written before a record names
     /// it.
     pub fn needs_template(&self, template: TemplateId) -> bool {

@@ -17,6 +17,8 @@ pub mod recorder;
 pub mod relay;
 pub mod replay_log;
 
+use std::future::Future as _;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -48,6 +50,8 @@ enum Step {
     Io(Event),
     Drain,
     Terminate,
+    /// Held journal records are due at the writer.
+    HandOver,
 }
 
 /// Why a session ended, for the log.
@@ -256,6 +260,7 @@ where
                     Arc::clone(&shared.registry),
                     id,
                     config.journal.retain,
+                    config.journal.fsync_interval.0,
                     &startup.parameters,
                     flow.tracker.template(),
                     template_id,
@@ -298,20 +303,40 @@ where
         } else {
             self.on_server_data().err()
         };
+        // Armed while the recorder holds commands for the journal.
+        let mut hand_over: Option<Pin<Box<tokio::time::Sleep>>> = None;
         while ending.is_none() {
             if let Some(durable) = self.recorder.as_mut().and_then(Recorder::take_durable) {
                 // fsync `always`: the client learns of nothing before its
                 // record is on disk.
                 let _ = durable.await;
             }
+            let due = self.recorder.as_ref().and_then(Recorder::due);
+            match (&mut hand_over, due) {
+                (Some(sleep), Some(due)) if sleep.deadline() != due => sleep.as_mut().reset(due),
+                (None, Some(due)) => hand_over = Some(Box::pin(tokio::time::sleep_until(due))),
+                _ => {}
+            }
             let step = std::future::poll_fn(|cx| match self.control.poll_order(cx) {
                 Order::Terminate => Poll::Ready(Step::Terminate),
                 Order::Drain if !self.draining => Poll::Ready(Step::Drain),
-                _ => self.relay.poll_event(cx).map(Step::Io),
+                _ => match self.relay.poll_event(cx) {
+                    Poll::Ready(event) => Poll::Ready(Step::Io(event)),
+                    Poll::Pending => match (&mut hand_over, due) {
+                        (Some(sleep), Some(_)) => sleep.as_mut().poll(cx).map(|()| Step::HandOver),
+                        _ => Poll::Pending,
+                    },
+                },
             })
             .await;
             let event = match step {
                 Step::Io(event) => event,
+                Step::HandOver => {
+                    if let Some(recorder) = &mut self.recorder {
+                        recorder.hand_over();
+                    }
+                    continue;
+                }
                 Step::Terminate => {
                     ending = Some(Ending::Shutdown);
                     break;

@@ -6,8 +6,17 @@
 //! in autocommit mode whose statements leave its template alone writes
 //! nothing after its start. With `retain = "all"` every command is
 //! written.
+//!
+//! Under fsync `batch` and `off` a command waits in the session for up
+//! to `fsync_interval` before it is handed to the writer: a transaction
+//! that ends sooner needs nothing on disk (its safe point makes it moot),
+//! so it is never framed at all. That is no weaker than the policy
+//! itself, which may lose the last interval's records in a crash.
 
 use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use tokio::sync::oneshot;
@@ -30,20 +39,35 @@ pub struct Recorder {
     template: Option<TemplateId>,
     /// Under fsync `always`: resolved once the last record is durable.
     durable: Option<oneshot::Receiver<()>>,
+    /// How long a command may wait in `held`; `None` hands every record
+    /// over at once (fsync `always`, `retain = "all"`).
+    hold: Option<Duration>,
+    /// Commands since the last safe point not yet handed over.
+    held: Vec<Record>,
+    /// When `held` must go to the writer.
+    due: Option<Instant>,
+    /// A command since the last safe point reached the writer: the next
+    /// safe point must be written too.
+    handed_over: bool,
 }
 
 impl Recorder {
     /// Writes the session's start record (and its template's definition
     /// if the journal lacks it).
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         journal: JournalHandle,
         registry: Arc<Registry>,
         session: u64,
         retain: Retain,
+        hold: Duration,
         startup: &[(Bytes, Bytes)],
         template: &Template,
         template_id: TemplateId,
     ) -> Recorder {
+        let hand_over_at_once = retain == Retain::All
+            || journal.fsync() == crate::journal::FsyncPolicy::Always
+            || hold.is_zero();
         let mut recorder = Recorder {
             journal,
             registry,
@@ -52,6 +76,10 @@ impl Recorder {
             since_safe_point: false,
             template: Some(template_id),
             durable: None,
+            hold: (!hand_over_at_once).then_some(hold),
+            held: Vec::new(),
+            due: None,
+            handed_over: false,
         };
         recorder.define(template_id, Some(template));
         recorder.append(Record::SessionStart {
@@ -92,7 +120,7 @@ impl Recorder {
             Omission::OverBound => Omitted::OverBound,
         };
         self.since_safe_point = true;
-        self.append(Record::Command {
+        let record = Record::Command {
             session: self.session,
             at: now_micros(),
             seq: completed.seq,
@@ -101,11 +129,29 @@ impl Recorder {
             omitted,
             message_len: completed.message_len,
             messages: completed.messages,
-        });
+        };
+        match self.hold {
+            Some(hold) => {
+                self.held.push(record);
+                self.due.get_or_insert_with(|| Instant::now() + hold);
+            }
+            None => {
+                self.handed_over = true;
+                self.append(record);
+            }
+        }
     }
 
     fn safe_point(&mut self, template: TemplateId, state_hash: StateHash) {
         if !self.since_safe_point && self.template == Some(template) {
+            return;
+        }
+        // A safe point makes every command before it moot.
+        self.drop_held();
+        if !self.handed_over && self.template == Some(template) {
+            // Back where the journal last saw the session, and none of
+            // the commands since got there: nothing needs writing.
+            self.since_safe_point = false;
             return;
         }
         self.define(template, None);
@@ -116,6 +162,7 @@ impl Recorder {
             state_hash,
         });
         self.since_safe_point = false;
+        self.handed_over = false;
         self.template = Some(template);
     }
 
@@ -146,7 +193,37 @@ impl Recorder {
         });
     }
 
+    fn drop_held(&mut self) {
+        self.journal.count_superseded(self.held.len() as u64);
+        self.held.clear();
+        self.due = None;
+    }
+
+    /// When the held commands are due at the writer.
+    pub fn due(&self) -> Option<Instant> {
+        self.due
+    }
+
+    /// Hands the held commands to the writer.
+    pub fn hand_over(&mut self) {
+        self.due = None;
+        if self.held.is_empty() {
+            return;
+        }
+        self.handed_over = true;
+        for record in std::mem::take(&mut self.held) {
+            self.submit(record);
+        }
+    }
+
+    /// Queues `record` after whatever is held, so that the journal keeps
+    /// the session's order.
     fn append(&mut self, record: Record) {
+        self.hand_over();
+        self.submit(record);
+    }
+
+    fn submit(&mut self, record: Record) {
         if let Appended::Durable(done) = self.journal.append(record) {
             // Records become durable in order: the last one stands for all.
             self.durable = Some(done);
@@ -170,6 +247,8 @@ impl Recorder {
     }
 
     pub fn end(&mut self) {
+        // The session's end makes its unfinished commands moot.
+        self.drop_held();
         self.append(Record::SessionEnd {
             session: self.session,
             at: now_micros(),
