@@ -260,7 +260,9 @@ where
                     Arc::clone(&shared.registry),
                     id,
                     config.journal.retain,
-                    config.journal.fsync_interval.0,
+                    // Half the interval: held, then queued, a command is
+                    // still on disk about as soon as the policy promises.
+                    config.journal.fsync_interval.0 / 2,
                     &startup.parameters,
                     flow.tracker.template(),
                     template_id,
