@@ -83,8 +83,11 @@ impl Workers {
         let mut threads = Vec::new();
         for index in 0..count.max(1) {
             let (sender, mut inbox) = mpsc::unbounded_channel::<Handoff>();
+            // Sockets and timers only: the signal and process drivers
+            // would reap orphans on every park.
             let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
+                .enable_io()
+                .enable_time()
                 .build()?;
             let shared = Arc::clone(shared);
             let sessions = sessions.clone();

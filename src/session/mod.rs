@@ -260,9 +260,7 @@ where
                     Arc::clone(&shared.registry),
                     id,
                     config.journal.retain,
-                    // Half the interval: held, then queued, a command is
-                    // still on disk about as soon as the policy promises.
-                    config.journal.fsync_interval.0 / 2,
+                    config.journal.fsync_interval.0,
                     &startup.parameters,
                     flow.tracker.template(),
                     template_id,

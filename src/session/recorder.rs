@@ -8,10 +8,10 @@
 //! written.
 //!
 //! Under fsync `batch` and `off` a command waits in the session for up
-//! to half of `fsync_interval` before it is handed to the writer: a transaction
+//! to `fsync_interval` before it is handed to the writer: a transaction
 //! that ends sooner needs nothing on disk (its safe point makes it moot),
-//! so it is never framed at all. That is no weaker than the policy
-//! itself, which may lose the last interval's records in a crash.
+//! so it is never framed at all. A crash may then lose up to about twice
+//! the interval's records instead of one interval's.
 
 use std::sync::Arc;
 use std::time::Duration;
