@@ -17,8 +17,6 @@ pub mod recorder;
 pub mod relay;
 pub mod replay_log;
 
-use std::future::Future as _;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -39,7 +37,7 @@ use crate::wire::startup::StartupMessage;
 use cancel::{CancelHandle, CancelTarget, ClientKey};
 use control::{ControlHandle, Order};
 use flow::{ClientStep, Flow, ServerStep};
-use recorder::Recorder;
+use recorder::{HandOverTimer, Recorder};
 use relay::{Event, Relay};
 
 /// How long a goodbye (a last error, a Terminate) may take to write.
@@ -304,7 +302,7 @@ where
             self.on_server_data().err()
         };
         // Armed while the recorder holds commands for the journal.
-        let mut hand_over: Option<Pin<Box<tokio::time::Sleep>>> = None;
+        let mut hand_over = HandOverTimer::default();
         while ending.is_none() {
             if let Some(durable) = self.recorder.as_mut().and_then(Recorder::take_durable) {
                 // fsync `always`: the client learns of nothing before its
@@ -312,31 +310,28 @@ where
                 let _ = durable.await;
             }
             let due = self.recorder.as_ref().and_then(Recorder::due);
-            match (&mut hand_over, due) {
-                (Some(sleep), Some(due)) if sleep.deadline() != due => sleep.as_mut().reset(due),
-                (None, Some(due)) => hand_over = Some(Box::pin(tokio::time::sleep_until(due))),
-                _ => {}
+            if hand_over.arm(due) {
+                if let Some(recorder) = &mut self.recorder {
+                    recorder.hand_over();
+                }
+                continue;
             }
             let step = std::future::poll_fn(|cx| match self.control.poll_order(cx) {
                 Order::Terminate => Poll::Ready(Step::Terminate),
                 Order::Drain if !self.draining => Poll::Ready(Step::Drain),
                 _ => match self.relay.poll_event(cx) {
                     Poll::Ready(event) => Poll::Ready(Step::Io(event)),
-                    Poll::Pending => match (&mut hand_over, due) {
-                        (Some(sleep), Some(_)) => sleep.as_mut().poll(cx).map(|()| Step::HandOver),
-                        _ => Poll::Pending,
-                    },
+                    Poll::Pending if due.is_some() => {
+                        hand_over.poll_fired(cx).map(|()| Step::HandOver)
+                    }
+                    Poll::Pending => Poll::Pending,
                 },
             })
             .await;
             let event = match step {
                 Step::Io(event) => event,
-                Step::HandOver => {
-                    if let Some(recorder) = &mut self.recorder {
-                        recorder.hand_over();
-                    }
-                    continue;
-                }
+                // `arm` sees whether the commands are due.
+                Step::HandOver => continue,
                 Step::Terminate => {
                     ending = Some(Ending::Shutdown);
                     break;

@@ -13,10 +13,13 @@
 //! so it is never framed at all. A crash may then lose up to about twice
 //! the interval's records instead of one interval's.
 
+use std::future::Future as _;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use bytes::Bytes;
 use tokio::sync::oneshot;
@@ -256,6 +259,63 @@ impl Recorder {
     }
 }
 
+/// Wakes a session when its held commands are due at the writer.
+///
+/// A transaction usually ends long before its commands are due, and the
+/// next one sets a later due time. Resetting a timer per transaction and
+/// registering with it at every poll would cost more than the journal
+/// saves, so the timer is left to fire at an earlier due time, re-armed
+/// then, and registered with once per arming: the session task's waker
+/// does not change.
+#[derive(Default)]
+pub struct HandOverTimer {
+    sleep: Option<Pin<Box<Sleep>>>,
+    /// The sleep was polled since it was last armed.
+    registered: bool,
+}
+
+impl HandOverTimer {
+    /// Arms the timer for `due` unless it will fire by then anyway.
+    /// Returns true when `due` has come.
+    pub fn arm(&mut self, due: Option<Instant>) -> bool {
+        let Some(due) = due else {
+            return false;
+        };
+        match &mut self.sleep {
+            None => {
+                self.sleep = Some(Box::pin(tokio::time::sleep_until(due)));
+                self.registered = false;
+            }
+            Some(sleep) if sleep.is_elapsed() || sleep.deadline() > due => {
+                if due <= Instant::now() {
+                    return true;
+                }
+                sleep.as_mut().reset(due);
+                self.registered = false;
+            }
+            Some(_) => {}
+        }
+        false
+    }
+
+    /// Ready when the timer fired; the due time may still lie ahead
+    /// (see [`HandOverTimer::arm`]).
+    pub fn poll_fired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let Some(sleep) = &mut self.sleep else {
+            return Poll::Pending;
+        };
+        if self.registered {
+            return if sleep.is_elapsed() {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            };
+        }
+        self.registered = true;
+        sleep.as_mut().poll(cx)
+    }
+}
+
 /// A copy of `template` whose prepared statements that carry a credential
 /// (`PREPARE p AS ALTER ROLE … PASSWORD …`, or the same by protocol Parse)
 /// have an empty text: the journal never holds a password. The copy's id
@@ -278,4 +338,45 @@ fn without_credentials(template: &Template) -> Option<Template> {
         }
     }
     Some(redacted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn fired(timer: &mut HandOverTimer) {
+        std::future::poll_fn(|cx| timer.poll_fired(cx)).await;
+    }
+
+    #[tokio::test]
+    async fn the_hand_over_timer_fires_at_an_earlier_due_time_and_is_armed_again() {
+        let mut timer = HandOverTimer::default();
+        let start = Instant::now();
+        let first = start + Duration::from_millis(20);
+        let second = start + Duration::from_millis(600);
+        assert!(!timer.arm(Some(first)));
+        // A later due time (the next transaction's) leaves it alone.
+        assert!(!timer.arm(Some(second)));
+        fired(&mut timer).await;
+        assert!(Instant::now() >= first);
+        assert!(!timer.arm(Some(second)), "armed again for the later time");
+        fired(&mut timer).await;
+        assert!(Instant::now() >= second);
+        assert!(timer.arm(Some(second)), "the commands are due");
+        assert!(!timer.arm(None));
+    }
+
+    #[tokio::test]
+    async fn the_hand_over_timer_moves_to_an_earlier_due_time() {
+        let mut timer = HandOverTimer::default();
+        let start = Instant::now();
+        let late = start + Duration::from_secs(60);
+        let early = start + Duration::from_millis(20);
+        assert!(!timer.arm(Some(late)));
+        assert!(!timer.arm(Some(early)));
+        tokio::time::timeout(Duration::from_secs(10), fired(&mut timer))
+            .await
+            .expect("the timer fires at the earlier time");
+        assert!(timer.arm(Some(early)));
+    }
 }
