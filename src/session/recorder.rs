@@ -272,12 +272,22 @@ pub struct HandOverTimer {
     sleep: Option<Pin<Box<Sleep>>>,
     /// The sleep was polled since it was last armed.
     registered: bool,
+    /// The due time the timer was last armed or checked for.
+    seen: Option<Instant>,
+    /// The sleep fired since `seen` was checked.
+    fired: bool,
 }
 
 impl HandOverTimer {
     /// Arms the timer for `due` unless it will fire by then anyway.
     /// Returns true when `due` has come.
     pub fn arm(&mut self, due: Option<Instant>) -> bool {
+        if due == self.seen && !self.fired {
+            // Nothing changed since the last turn: the usual case.
+            return false;
+        }
+        self.seen = due;
+        self.fired = false;
         let Some(due) = due else {
             return false;
         };
@@ -304,15 +314,18 @@ impl HandOverTimer {
         let Some(sleep) = &mut self.sleep else {
             return Poll::Pending;
         };
-        if self.registered {
-            return if sleep.is_elapsed() {
-                Poll::Ready(())
-            } else {
-                Poll::Pending
-            };
+        let fired = if self.registered {
+            sleep.is_elapsed()
+        } else {
+            self.registered = true;
+            sleep.as_mut().poll(cx).is_ready()
+        };
+        if fired {
+            self.fired = true;
+            Poll::Ready(())
+        } else {
+            Poll::Pending
         }
-        self.registered = true;
-        sleep.as_mut().poll(cx)
     }
 }
 
