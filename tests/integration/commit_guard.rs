@@ -13,7 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 
-use crate::support::{eventually, reprise_stats, scalar, Harness};
+use crate::support::{eventually, reprise_stats, scalar, set_system, Harness};
 
 /// Starts a COMMIT that becomes durable and then waits for a synchronous
 /// standby that does not exist, crashes the server under it and starts
@@ -35,11 +35,7 @@ async fn commit_across_a_crash_restart(
         .batch_execute("checkpoint")
         .await
         .expect("checkpoint");
-    observer
-        .batch_execute("alter system set synchronous_standby_names = 'nobody'")
-        .await
-        .expect("synchronous standby");
-    scalar(&observer, "select pg_reload_conf()").await;
+    set_system(&observer, "synchronous_standby_names", "nobody").await;
     let (client, _) = harness.connect().await;
     if guard {
         // The first session sets the guard up in the background.

@@ -8,7 +8,8 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 
 use crate::support::{
-    backend_pid, data_rows, eventually, query, reprise_stats, scalar, text_rows, Harness, RawClient,
+    backend_pid, data_rows, eventually, query, reprise_stats, scalar, set_system, text_rows,
+    Harness, RawClient,
 };
 
 /// Terminates server process `pid` and waits until it is gone.
@@ -485,11 +486,7 @@ async fn a_commit_that_committed_before_its_answer_was_lost_is_not_run_again() {
         .expect("table");
     // The COMMIT is durable on the server, then waits for a standby that
     // does not exist: terminating it then loses the answer, not the commit.
-    observer
-        .batch_execute("alter system set synchronous_standby_names = 'nobody'")
-        .await
-        .expect("synchronous standby");
-    scalar(&observer, "select pg_reload_conf()").await;
+    set_system(&observer, "synchronous_standby_names", "nobody").await;
     let (client, _) = harness.connect().await;
     let pid = server_pid(&client).await;
     client

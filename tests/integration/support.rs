@@ -515,6 +515,23 @@ pub async fn text_rows(client: &Client, sql: &str) -> Vec<Vec<String>> {
         .collect()
 }
 
+/// Sets a server setting with ALTER SYSTEM and waits until it is in
+/// force: pg_reload_conf() only signals the postmaster, and a backend
+/// forked before the postmaster re-read its files keeps the old value.
+pub async fn set_system(client: &Client, setting: &str, value: &str) {
+    client
+        .batch_execute(&format!("alter system set {setting} = '{value}'"))
+        .await
+        .expect("alter system");
+    scalar(client, "select pg_reload_conf()").await;
+    eventually(
+        Duration::from_secs(10),
+        "the setting is in force",
+        || async { scalar(client, &format!("show {setting}")).await == value },
+    )
+    .await;
+}
+
 /// Waits until `check` holds, polling; panics with `what` after `limit`.
 pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
 where
