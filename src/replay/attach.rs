@@ -27,8 +27,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::backend::ServerConnection;
 use crate::proxy::Shared;
+use crate::session::answer_digest::AnswerDigest;
 use crate::session::flow::{ClientStep, Flow, StateEvent};
-use crate::session::replay_log::{digest_answer, Completed};
+use crate::session::replay_log::Completed;
 use crate::state::Tracker;
 use crate::stats::Stats;
 use crate::template::{fold_guc_name, StateHash, Template};
@@ -259,7 +260,7 @@ pub async fn attach(
     let (answered, expected) = replay.answered;
     let mut notices_left = replay.notices_seen;
     if answered > 0 || notices_left > 0 {
-        let mut digest = blake3::Hasher::new();
+        let mut digest = AnswerDigest::default();
         let mut seen = 0;
         while seen < answered {
             let (tag, message) = link.next(&mut stream).await?;
@@ -278,12 +279,12 @@ pub async fn attach(
                 }
                 _ => {
                     link.check_fatal(tag, &message)?;
-                    digest_answer(&mut digest, tag, &message);
+                    digest.add(tag, &message);
                     seen += 1;
                 }
             }
         }
-        if *digest.finalize().as_bytes() != expected {
+        if digest.finish() != expected {
             return Err(AttachError::diverged(
                 "the command in flight returned a different result on the new server connection"
                     .to_owned(),

@@ -18,10 +18,11 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use super::answer_digest::AnswerDigest;
 use super::cancel::CancelTarget;
 use super::flow::ServerStep;
 use super::relay::Outbox;
-use super::replay_log::{digest_answer, Omission};
+use super::replay_log::Omission;
 use super::Session;
 use crate::backend::health::{self, Refusal, Role};
 use crate::backend::{self, ConnectError, ServerConnection};
@@ -396,14 +397,14 @@ where
             }
         };
         let received = self.flow.replay.answer_so_far().1;
-        let mut seen = blake3::Hasher::new();
+        let mut seen = AnswerDigest::default();
         let mut index = 0;
         while let Ok(Next::Frame { tag, len }) = frame::next(&answer, usize::MAX) {
             let message = answer.split_to(len);
             if index < answered {
-                digest_answer(&mut seen, tag, &message);
+                seen.add(tag, &message);
             } else {
-                if index == answered && answered > 0 && *seen.finalize().as_bytes() != received {
+                if index == answered && answered > 0 && seen.so_far() != received {
                     return Err(Failure::refused(
                         Cause::ReplayDiverged,
                         "the client received an answer to the COMMIT that a commit does not give",

@@ -142,7 +142,7 @@ enum Pending {
         param_types: Vec<u32>,
         /// What the name stood for before: a Parse the server refuses or
         /// skips leaves the name as it was.
-        previous: Option<Target>,
+        previous: Option<Box<Target>>,
     },
     Bind,
     Describe,
@@ -156,13 +156,13 @@ enum Pending {
     /// Answered by Reprise when its turn comes.
     Local(Answer),
     /// Reprise's own request to move the session into another template.
-    Switch(Switch),
+    Switch(Box<Switch>),
     /// A request that fails on purpose, so that the server abandons the
     /// rest of an extended batch as PostgreSQL would after an error.
     Abort,
     /// Reprise's own question ahead of a COMMIT: the transaction id (see
     /// [`outcome`]).
-    Xid(XidQuestion),
+    Xid(Box<XidQuestion>),
     /// Reprise's own BEGIN ahead of an autocommit write it wraps (see
     /// [`Wrap`]): answered by ReadyForQuery (simple protocol) or by the
     /// CloseComplete messages still to come (extended).
@@ -174,7 +174,7 @@ enum Pending {
     WrapCommit,
     /// Reprise's own reading of the session state (see
     /// [`resync`](crate::state::resync)).
-    Probe(Probe),
+    Probe(Box<Probe>),
     /// The client ended COPY data (CopyDone or CopyFail) before the server
     /// had said it was in copy-in mode: the Syncs before this mark reach
     /// the server in copy-in mode, where it ignores them.
@@ -817,14 +817,14 @@ impl Flow {
                 body.extend_from_slice(&[0]);
             });
         }
-        self.queue.push_back(Pending::Xid(XidQuestion {
+        self.queue.push_back(Pending::Xid(Box::new(XidQuestion {
             seq: self.replay.next_command_seq(),
             token,
             answer: None,
             failed: false,
             closes_left: 0,
             wrapped: true,
-        }));
+        })));
         self.queue.push_back(Pending::WrapCommit);
         if let Some(wrap) = &mut self.wrap {
             wrap.synced = true;
@@ -874,7 +874,7 @@ impl Flow {
             name,
             query: Bytes::copy_from_slice(fields.query),
             param_types: fields.param_types,
-            previous,
+            previous: previous.map(Box::new),
         });
         ClientStep::Forward
     }
@@ -1153,14 +1153,14 @@ impl Flow {
             body.extend_from_slice(sql.as_bytes());
             body.extend_from_slice(&[0]);
         });
-        self.queue.push_back(Pending::Xid(XidQuestion {
+        self.queue.push_back(Pending::Xid(Box::new(XidQuestion {
             seq: self.replay.next_command_seq(),
             token,
             answer: None,
             failed: false,
             closes_left: 0,
             wrapped: false,
-        }));
+        })));
     }
 
     /// The text of the question, and the commit-guard token it inserts;
@@ -1182,14 +1182,14 @@ impl Flow {
     fn ask_xid_extended(&mut self) {
         let (sql, token) = self.xid_question(false);
         self.own_extended(&sql);
-        self.queue.push_back(Pending::Xid(XidQuestion {
+        self.queue.push_back(Pending::Xid(Box::new(XidQuestion {
             seq: self.replay.next_command_seq(),
             token,
             answer: None,
             failed: false,
             closes_left: 2,
             wrapped: false,
-        }));
+        })));
     }
 
     /// Parse, Bind, Execute and Close of `sql` as a statement and portal
@@ -1351,7 +1351,7 @@ impl Flow {
         }
         let name = self.unused_statement_name(b"reprise.probe");
         resync::write_probe(&mut self.to_server, &name, self.tracker.probe_names());
-        self.queue.push_back(Pending::Probe(Probe::default()));
+        self.queue.push_back(Pending::Probe(Box::default()));
         self.stats.state_probes.inc();
     }
 
@@ -1374,7 +1374,7 @@ impl Flow {
             b'A' | b'N' => return ServerStep::Forward,
             b'Z' => {
                 if let Some(Pending::Probe(probe)) = self.queue.pop_front() {
-                    self.finish_probe(probe);
+                    self.finish_probe(*probe);
                 }
             }
             _ => {}
@@ -1509,13 +1509,13 @@ impl Flow {
             frame::write_frame(&mut self.to_server, Some(b'S'), |_| {});
             readies += 1;
         }
-        self.queue.push_back(Pending::Switch(Switch {
+        self.queue.push_back(Pending::Switch(Box::new(Switch {
             readies_left: readies,
             target,
             error: None,
             with_ready,
             answer,
-        }));
+        })));
     }
 
     fn finish_switch(&mut self, target: Template, with_ready: bool, answer: bool) {
@@ -2025,7 +2025,7 @@ impl Flow {
         // Latest first, so that a name parsed twice gets its first value.
         for (name, previous) in refused.into_iter().rev() {
             match previous {
-                Some(target) => self.statements.insert(&name, target),
+                Some(target) => self.statements.insert(&name, *target),
                 None => self.statements.remove(&name),
             };
         }

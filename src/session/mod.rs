@@ -7,6 +7,7 @@
 //! the bytes that arrived, in batches; only Reprise's own statements are
 //! answered here.
 
+pub mod answer_digest;
 pub mod cancel;
 pub mod control;
 mod failover;

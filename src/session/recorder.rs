@@ -123,12 +123,16 @@ impl Recorder {
             Omission::OverBound => Omitted::OverBound,
         };
         self.since_safe_point = true;
+        debug_assert!(completed.result_digest.is_some());
         let record = Record::Command {
             session: self.session,
             at: now_micros(),
             seq: completed.seq,
             state_hash: completed.state_hash,
-            result_digest: completed.result_digest,
+            // Always known here: only a safe point leaves it out, and
+            // safe-point commands are written only by a capture, which
+            // keeps it.
+            result_digest: completed.result_digest.unwrap_or_default(),
             omitted,
             message_len: completed.message_len,
             messages: completed.messages,

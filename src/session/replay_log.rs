@@ -14,9 +14,9 @@ use std::collections::VecDeque;
 
 use bytes::Bytes;
 
+use super::answer_digest::AnswerDigest;
 use crate::replay::risk::{CommandRisk, StatementRisk};
 use crate::template::{StateHash, TemplateId};
-use crate::wire::frame::HEADER_LEN;
 use crate::wire::frontend::FrontendKind;
 
 /// The largest message buffer kept for reuse; a bigger one (a long COPY,
@@ -60,7 +60,9 @@ pub struct Completed {
     pub message_len: u64,
     pub omitted: Omission,
     pub state_hash: StateHash,
-    pub result_digest: [u8; 32],
+    /// The digest of what the client received; `None` for a command that
+    /// ended at a safe point outside a capture, which nothing compares.
+    pub result_digest: Option<[u8; 32]>,
     /// Whether running it again could repeat a commit.
     pub risk: CommandRisk,
 }
@@ -83,7 +85,7 @@ pub struct ReplayLog {
     safe_point: Option<(TemplateId, StateHash)>,
     /// What the client received for the oldest command in flight: the
     /// server answers in order, so only that one is ever being answered.
-    digest: blake3::Hasher,
+    digest: AnswerDigest,
     /// Messages in `digest`.
     answered: u32,
     /// Notices the client received for the oldest command in flight.
@@ -107,7 +109,7 @@ impl ReplayLog {
             bytes: 0,
             over_bound: false,
             safe_point: None,
-            digest: blake3::Hasher::new(),
+            digest: AnswerDigest::default(),
             answered: 0,
             notices: 0,
             next_seq: 1,
@@ -236,14 +238,14 @@ impl ReplayLog {
         if matches!(tag, b'A' | b'S') {
             return;
         }
-        digest_answer(&mut self.digest, tag, message);
+        self.digest.add(tag, message);
         self.answered += 1;
     }
 
     /// How many messages of the oldest command's answer the client has
     /// received, and their digest so far.
     pub fn answer_so_far(&self) -> (u32, [u8; 32]) {
-        (self.answered, *self.digest.clone().finalize().as_bytes())
+        (self.answered, self.digest.so_far())
     }
 
     /// How many notices the client has received for the oldest command in
@@ -302,12 +304,17 @@ impl ReplayLog {
         safe_point: Option<TemplateId>,
     ) -> Option<Completed> {
         let mut command = self.in_flight.pop_front()?;
-        self.digest.update(&[b'Z', status]);
-        let result_digest = *self.digest.finalize().as_bytes();
-        self.digest.reset();
+        let moot = safe_point.is_some() && !self.keep_at_safe_points;
+        let result_digest = if moot {
+            self.digest.discard();
+            None
+        } else {
+            self.digest.add_ready(status);
+            Some(self.digest.finish())
+        };
         self.answered = 0;
         self.notices = 0;
-        let messages = if safe_point.is_some() && !self.keep_at_safe_points {
+        let messages = if moot {
             // Nothing keeps them: the buffer serves the next command.
             self.bytes -= command.messages.len().min(self.bytes);
             command.messages.clear();
@@ -389,36 +396,6 @@ impl ReplayLog {
     }
 }
 
-/// Adds one message of a result to its digest: all of it, but of an
-/// error only its severity and SQLSTATE (see [`ReplayLog::server_message`]).
-pub fn digest_answer(digest: &mut blake3::Hasher, tag: u8, message: &[u8]) {
-    if tag == b'E' {
-        digest_error(digest, message);
-    } else {
-        digest.update(message);
-    }
-}
-
-/// An error's identity: its severity and SQLSTATE. Message texts are
-/// left out (they name process ids, differ with `lc_messages` and between
-/// server versions), and so is the server's source location.
-fn digest_error(digest: &mut blake3::Hasher, message: &[u8]) {
-    digest.update(b"E");
-    let mut rest = message.get(HEADER_LEN..).unwrap_or_default();
-    while let Some((&field, tail)) = rest.split_first() {
-        if field == 0 {
-            break;
-        }
-        let end = memchr::memchr(0, tail).unwrap_or(tail.len());
-        if matches!(field, b'V' | b'C') {
-            digest.update(&[field]);
-            digest.update(&tail[..end]);
-            digest.update(&[0]);
-        }
-        rest = tail.get(end + 1..).unwrap_or_default();
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -452,7 +429,7 @@ mod tests {
         let mut expected = blake3::Hasher::new();
         expected.update(&frame(b'1', b""));
         expected.update(b"ZI");
-        assert_eq!(first.result_digest, *expected.finalize().as_bytes());
+        assert_eq!(first.result_digest, Some(*expected.finalize().as_bytes()));
         let second = log.completed(b'T', hash(2), None).expect("second");
         assert_eq!(second.seq, 2);
         assert_eq!(log.done().len(), 2);
@@ -468,6 +445,7 @@ mod tests {
         log.client_message(FrontendKind::Query, &select, &[], true);
         let done = log.completed(b'I', hash(1), Some(template)).expect("done");
         assert!(done.messages.is_empty());
+        assert_eq!(done.result_digest, None, "nothing compares it");
         assert_eq!(done.message_len, select.len() as u64);
         assert_eq!(log.bytes(), 0);
         assert!(log.spare.capacity() >= select.len(), "the buffer is kept");
@@ -489,6 +467,7 @@ mod tests {
             .completed(b'I', hash(1), Some(template))
             .expect("done");
         assert_eq!(&done.messages[..], &select[..]);
+        assert!(done.result_digest.is_some(), "a capture keeps it");
     }
 
     #[test]

@@ -156,6 +156,12 @@ pub enum Kind {
 /// [`split_statements`](super::lexer::split_statements); a trailing `;` is
 /// allowed, a second statement makes it [`Class::Unknown`].
 pub fn classify(statement: &[u8], options: &LexOptions) -> Class {
+    classify_with(statement, options, true)
+}
+
+/// [`classify`], with or without the shortcut for a plain rest (see
+/// [`Cursor::rest_is_plain`]).
+fn classify_with(statement: &[u8], options: &LexOptions, shortcut: bool) -> Class {
     let mut cursor = Cursor::new(statement, options);
     let Some(first) = cursor.next() else {
         return if cursor.finish() {
@@ -169,6 +175,9 @@ pub fn classify(statement: &[u8], options: &LexOptions) -> Class {
         Lead::Ordinary(scan) => (None, scan),
         Lead::Kind(kind, scan) => (Some(kind), scan),
     };
+    if shortcut && scan & !QUERY == 0 && cursor.rest_is_plain(scan) {
+        return combine(kind, NOTHING);
+    }
     let effects = scan_rest(&mut cursor, scan);
     if !cursor.finish() {
         return Class::Unknown;
@@ -330,6 +339,55 @@ impl<'a> Cursor<'a> {
             return None;
         }
         Some(token)
+    }
+
+    /// Whether the untouched rest of the statement is so plain that a
+    /// scan for `scan` (at most [`QUERY`]) must find nothing and
+    /// [`finish`](Cursor::finish) must succeed: only words, numbers,
+    /// whitespace and operators that start no comment, no call and no
+    /// string, no INTO, then at most the `;` that ends the statement.
+    /// Most statements of an application are like that, and one pass over
+    /// the bytes is much cheaper than lexing them.
+    fn rest_is_plain(&self, scan: Scan) -> bool {
+        if self.ended || self.bad || self.peeked.is_some() || self.boundary.unbalanced() {
+            return false;
+        }
+        let rest = &self.sql[self.lexer.position()..];
+        let body_len = rest.iter().position(|&b| b == b';').unwrap_or(rest.len());
+        let (body, tail) = rest.split_at(body_len);
+        let into = scan & INTO != 0;
+        let plain_body = body.iter().enumerate().all(|(at, &byte)| {
+            let plain = matches!(
+                byte,
+                b'a'..=b'z'
+                    | b'A'..=b'Z'
+                    | b'0'..=b'9'
+                    | b'_'
+                    | b' '
+                    | b'\t'
+                    | b'\n'
+                    | b'\r'
+                    | b','
+                    | b'.'
+                    | b'='
+                    | b'<'
+                    | b'>'
+                    | b'+'
+                    | b'*'
+            );
+            // Any `into`, even inside a word: a false alarm only costs the
+            // full scan.
+            plain
+                && !(into
+                    && byte.eq_ignore_ascii_case(&b'i')
+                    && body
+                        .get(at + 1..at + 4)
+                        .is_some_and(|next| next.eq_ignore_ascii_case(b"nto")))
+        });
+        plain_body
+            && tail
+                .iter()
+                .all(|&byte| matches!(byte, b';' | b' ' | b'\t' | b'\n' | b'\r'))
     }
 
     /// Reads the rest of the statement; false if it must be unknown.
@@ -1043,5 +1101,61 @@ mod tests {
             classes,
             [C(Begin), O, O, C(AdvisoryLock), C(Commit { chain: false })]
         );
+    }
+
+    #[test]
+    fn the_plain_rest_shortcut_agrees_with_the_full_scan() {
+        let cases: &[&[u8]] = &[
+            b"SELECT abalance FROM pgbench_accounts WHERE aid = 12345;",
+            b"select 1;  ;\n",
+            b"select 1; select 2",
+            b"select a into temp t from u",
+            b"select a INTO t from u",
+            b"select a from pointo",
+            b"insert into t values (1)",
+            b"update t set a = a + 1 where b = 2",
+            b"delete from t where a >= 3 and b <> 4",
+            b"select e from t",
+            b"select * from t;x",
+            b"show search_path",
+            b"table t",
+            b"select 1e5, 1..2, a.b from t",
+            b"notify x",
+        ];
+        for sql in cases {
+            for options in [LexOptions::default(), SCS_OFF] {
+                assert_eq!(
+                    classify_with(sql, &options, true),
+                    classify_with(sql, &options, false),
+                    "{}",
+                    String::from_utf8_lossy(sql)
+                );
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_shortcut_never_changes_a_class(
+            lead in proptest::sample::select(vec![
+                "select", "SELECT", "with", "values", "table", "insert", "update",
+                "delete", "merge", "show", "notify", "(", "execute", "copy",
+                "declare c cursor for select", "alter table",
+            ]),
+            rest in proptest::collection::vec(proptest::sample::select(vec![
+                " ", "a", "x", "into", "INTO", "temp", "set_config", "1", ".", ",", "=",
+                "(", ")", ";", "'", "\"", "--", "/*", "*/", "$1", "$$", "e'", "U&", "\n",
+                "pg_temp", "begin", "atomic", "end", "\u{e9}", "*", "+",
+            ]), 0..12),
+        ) {
+            let sql = format!("{lead} {}", rest.concat());
+            for options in [LexOptions::default(), SCS_OFF] {
+                proptest::prop_assert_eq!(
+                    classify_with(sql.as_bytes(), &options, true),
+                    classify_with(sql.as_bytes(), &options, false),
+                    "{}", sql
+                );
+            }
+        }
     }
 }

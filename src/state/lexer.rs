@@ -331,6 +331,11 @@ impl<'a> Lexer<'a> {
         }
     }
 
+    /// The offset the next token is looked for from.
+    pub(crate) fn position(&self) -> usize {
+        self.pos
+    }
+
     /// Why the lexer stopped at an error token.
     pub fn error(&self) -> Option<LexError> {
         self.error
