@@ -105,8 +105,10 @@ impl Workers {
                                     continue;
                                 }
                             };
-                            sessions.spawn(tracing::Instrument::instrument(
-                                handle_connection(client, Arc::clone(&shared), handoff.id),
+                            sessions.spawn(handle_connection(
+                                client,
+                                Arc::clone(&shared),
+                                handoff.id,
                                 span,
                             ));
                         }

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
+use tracing::Instrument;
 
 use crate::auth::client::AuthError;
 use crate::auth::hba::{self, AuthMethod, Peer};
@@ -24,10 +25,43 @@ use crate::wire::startup::{self, StartupError, StartupPacket, PROTOCOL_MINOR};
 pub use stream::ClientStream;
 
 /// Takes a freshly accepted connection through the startup phase and
-/// authentication and, if it asks for a session, runs it.
-pub async fn handle_connection(mut client: ClientStream, shared: Arc<Shared>, id: u64) {
+/// authentication and, if it asks for a session, runs it. What happens is
+/// logged in `span`.
+pub async fn handle_connection(
+    client: ClientStream,
+    shared: Arc<Shared>,
+    id: u64,
+    span: tracing::Span,
+) {
+    let Some(admitted) = admit(client, &shared).instrument(span.clone()).await else {
+        return;
+    };
+    let _slot = admitted.slot;
+    session::run(
+        admitted.client,
+        admitted.startup,
+        admitted.credential,
+        shared,
+        id,
+        span,
+    )
+    .await;
+}
+
+/// A client through startup and authentication, ready for a session.
+struct Admitted {
+    client: ClientStream,
+    startup: startup::StartupMessage,
+    credential: Option<Credential>,
+    /// Counts the client against `max_client_conn` while its session runs.
+    slot: ClientSlot,
+}
+
+/// The startup phase and authentication; `None` when the connection
+/// ends there (refused, a cancel request, gone).
+async fn admit(mut client: ClientStream, shared: &Arc<Shared>) -> Option<Admitted> {
     let config = shared.config();
-    let Some(unauthenticated) = Unauthenticated::take(&shared, config.max_unauthenticated) else {
+    let Some(unauthenticated) = Unauthenticated::take(shared, config.max_unauthenticated) else {
         refuse(
             &mut client,
             sqlstate::TOO_MANY_CONNECTIONS,
@@ -37,24 +71,24 @@ pub async fn handle_connection(mut client: ClientStream, shared: Arc<Shared>, id
             ),
         )
         .await;
-        return;
+        return None;
     };
     // One deadline for the startup packets and the authentication, as
     // PostgreSQL's authentication_timeout.
     let deadline = tokio::time::Instant::now() + config.auth_timeout.0;
     let tls = shared.tls();
     let startup = loop {
-        match tokio::time::timeout_at(deadline, negotiate(&mut client, &shared, &tls)).await {
+        match tokio::time::timeout_at(deadline, negotiate(&mut client, shared, &tls)).await {
             Ok(Ok(Negotiated::Startup(startup))) => break startup,
-            Ok(Ok(Negotiated::Done)) => return,
+            Ok(Ok(Negotiated::Done)) => return None,
             Ok(Ok(Negotiated::StartTls(acceptor))) => {
                 match tokio::time::timeout_at(deadline, client.into_tls(&acceptor)).await {
                     Ok(Ok(upgraded)) => client = upgraded,
                     Ok(Err(err)) => {
                         tracing::info!(error = %err, "TLS handshake with a client failed");
-                        return;
+                        return None;
                     }
-                    Err(_) => return,
+                    Err(_) => return None,
                 }
             }
             Ok(Err(err)) => {
@@ -62,7 +96,7 @@ pub async fn handle_connection(mut client: ClientStream, shared: Arc<Shared>, id
                     tracing::info!(error = %err, "refused a connection during startup");
                     refuse(&mut client, err.sqlstate(), &err.to_string()).await;
                 }
-                return;
+                return None;
             }
             Err(_) => {
                 refuse(
@@ -71,7 +105,7 @@ pub async fn handle_connection(mut client: ClientStream, shared: Arc<Shared>, id
                     "startup packet not received in time",
                 )
                 .await;
-                return;
+                return None;
             }
         }
     };
@@ -83,7 +117,7 @@ pub async fn handle_connection(mut client: ClientStream, shared: Arc<Shared>, id
             "no PostgreSQL user name specified in startup packet",
         )
         .await;
-        return;
+        return None;
     }
     if startup
         .get("replication")
@@ -95,7 +129,7 @@ pub async fn handle_connection(mut client: ClientStream, shared: Arc<Shared>, id
             "Reprise does not relay replication connections; connect to the server directly",
         )
         .await;
-        return;
+        return None;
     }
     if config.client_tls == ClientTlsMode::Require && client.is_tcp() && !client.is_tls() {
         refuse(
@@ -104,7 +138,7 @@ pub async fn handle_connection(mut client: ClientStream, shared: Arc<Shared>, id
             "Reprise requires TLS for TCP connections (client_tls = require)",
         )
         .await;
-        return;
+        return None;
     }
     if shared.draining.is_cancelled() {
         refuse(
@@ -113,9 +147,9 @@ pub async fn handle_connection(mut client: ClientStream, shared: Arc<Shared>, id
             "Reprise is shutting down",
         )
         .await;
-        return;
+        return None;
     }
-    let Some(_slot) = ClientSlot::take(&shared) else {
+    let Some(slot) = ClientSlot::take(shared) else {
         let limit = config.max_client_conn;
         refuse(
             &mut client,
@@ -123,7 +157,7 @@ pub async fn handle_connection(mut client: ClientStream, shared: Arc<Shared>, id
             &format!("sorry, too many clients already (max_client_conn = {limit})"),
         )
         .await;
-        return;
+        return None;
     };
 
     let protocol_options = startup.protocol_options();
@@ -131,12 +165,12 @@ pub async fn handle_connection(mut client: ClientStream, shared: Arc<Shared>, id
         let mut out = BytesMut::new();
         reply::negotiate_protocol_version(&mut out, i32::from(PROTOCOL_MINOR), protocol_options);
         if client.write_all(&out).await.is_err() {
-            return;
+            return None;
         }
     }
     let proven = tokio::time::timeout_at(
         deadline,
-        authenticate(&mut client, &startup, &config, &shared, &tls),
+        authenticate(&mut client, &startup, &config, shared, &tls),
     )
     .await;
     let credential = match proven {
@@ -147,7 +181,7 @@ pub async fn handle_connection(mut client: ClientStream, shared: Arc<Shared>, id
             if let Some(code) = err.sqlstate() {
                 refuse(&mut client, code, &err.to_string()).await;
             }
-            return;
+            return None;
         }
         Err(_) => {
             refuse(
@@ -159,11 +193,16 @@ pub async fn handle_connection(mut client: ClientStream, shared: Arc<Shared>, id
                 ),
             )
             .await;
-            return;
+            return None;
         }
     };
     drop(unauthenticated);
-    session::run(client, startup, credential, shared, id).await;
+    Some(Admitted {
+        client,
+        startup,
+        credential,
+        slot,
+    })
 }
 
 /// Chooses the method for this connection, runs it, and returns what new

@@ -2,13 +2,14 @@
 //! delivered without touching any shared lock on the per-message path.
 //!
 //! Each session polls its own [`SessionControl`]: an atomic and an
-//! `AtomicWaker`, so checking for an order costs one atomic load and, when
-//! the task's waker is unchanged, no write at all. The proxy broadcasts an
-//! order by walking the registry, which only happens at shutdown.
+//! `AtomicWaker`. The handle remembers which waker it left there, so while
+//! no order stands and the task's waker is unchanged, checking costs one
+//! load of a line shared read-only by every session, and no write. The proxy broadcasts
+//! an order by walking the registry, which only happens at shutdown.
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
-use std::task::Context;
+use std::task::{Context, Waker};
 
 use dashmap::DashMap;
 use futures_util::task::AtomicWaker;
@@ -56,13 +57,17 @@ impl SessionControl {
     }
 }
 
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct Standing(AtomicU8);
+
 /// Every running session's control.
 #[derive(Debug, Default)]
 pub struct Sessions {
     controls: DashMap<u64, Arc<SessionControl>>,
     /// The strongest order given so far; sessions registering later get it
-    /// too.
-    standing: AtomicU8,
+    /// too. On a line of its own, away from `next_id`.
+    standing: Standing,
     next_id: AtomicU64,
 }
 
@@ -73,17 +78,18 @@ impl Sessions {
         self.controls.insert(id, Arc::clone(&control));
         // Read after inserting: a broadcast that missed the map entry has
         // already raised `standing`.
-        control.give(Order::from_u8(self.standing.load(Ordering::Acquire)));
+        control.give(Order::from_u8(self.standing.0.load(Ordering::Acquire)));
         ControlHandle {
             sessions: Arc::clone(self),
             id,
             control,
+            registered: None,
         }
     }
 
     /// Gives `order` to every session, present and future.
     pub fn broadcast(&self, order: Order) {
-        self.standing.fetch_max(order as u8, Ordering::AcqRel);
+        self.standing.0.fetch_max(order as u8, Ordering::AcqRel);
         for entry in &self.controls {
             entry.value().give(order);
         }
@@ -104,11 +110,30 @@ pub struct ControlHandle {
     sessions: Arc<Sessions>,
     id: u64,
     control: Arc<SessionControl>,
+    /// The waker left in `control` by the last poll that saw no order. It
+    /// stays there until an order takes it; while an order stands, every
+    /// poll registers again.
+    registered: Option<Waker>,
 }
 
 impl ControlHandle {
-    pub fn poll_order(&self, cx: &mut Context<'_>) -> Order {
-        self.control.poll_order(cx)
+    /// The current order; the task is woken when it changes.
+    pub fn poll_order(&mut self, cx: &mut Context<'_>) -> Order {
+        let waker = cx.waker();
+        // Orders come only as broadcasts, which raise `standing` first: a
+        // line every session reads and nothing writes until shutdown, so
+        // this check stays in the cache.
+        if self.sessions.standing.0.load(Ordering::Acquire) == Order::Run as u8
+            && self
+                .registered
+                .as_ref()
+                .is_some_and(|registered| registered.will_wake(waker))
+        {
+            return Order::Run;
+        }
+        let order = self.control.poll_order(cx);
+        self.registered = (order == Order::Run).then(|| waker.clone());
+        order
     }
 }
 
@@ -127,7 +152,7 @@ mod tests {
     #[tokio::test]
     async fn orders_reach_present_and_future_sessions() {
         let sessions = Arc::new(Sessions::default());
-        let early = sessions.register();
+        let mut early = sessions.register();
         let waiter = tokio::spawn(async move {
             poll_fn(|cx| match early.poll_order(cx) {
                 Order::Run => Poll::Pending,
@@ -138,7 +163,7 @@ mod tests {
         tokio::task::yield_now().await;
         sessions.broadcast(Order::Drain);
         assert_eq!(waiter.await.expect("join"), Order::Drain);
-        let late = sessions.register();
+        let mut late = sessions.register();
         let order = poll_fn(|cx| Poll::Ready(late.poll_order(cx))).await;
         assert_eq!(order, Order::Drain);
         sessions.broadcast(Order::Run);
@@ -152,5 +177,32 @@ mod tests {
             1,
             "the waiter's handle was dropped with its task"
         );
+    }
+
+    #[tokio::test]
+    async fn a_stronger_order_wakes_a_session_that_saw_a_weaker_one() {
+        let sessions = Arc::new(Sessions::default());
+        let mut handle = sessions.register();
+        let (seen, mut orders) = tokio::sync::mpsc::unbounded_channel();
+        let waiter = tokio::spawn(async move {
+            poll_fn(|cx| {
+                let order = handle.poll_order(cx);
+                seen.send(order).expect("test alive");
+                match order {
+                    Order::Terminate => Poll::Ready(order),
+                    _ => Poll::Pending,
+                }
+            })
+            .await
+        });
+        assert_eq!(orders.recv().await, Some(Order::Run));
+        sessions.broadcast(Order::Drain);
+        assert_eq!(orders.recv().await, Some(Order::Drain));
+        sessions.broadcast(Order::Terminate);
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(10), waiter)
+            .await
+            .expect("the terminate order woke the session")
+            .expect("join");
+        assert_eq!(ended, Order::Terminate);
     }
 }

@@ -265,6 +265,9 @@ enum Answer {
 /// Both directions of one session's protocol, with its tracked state.
 pub struct Flow {
     pub tracker: Tracker,
+    /// The session's span: the relay runs outside it (entering a span on
+    /// every poll costs more than the rare warning that needs it).
+    span: tracing::Span,
     shared: Arc<Shared>,
     /// Where this flow counts what it sees: the proxy's counters, or a
     /// scratch set for a replay that must not count twice.
@@ -350,6 +353,7 @@ impl Flow {
     ) -> Self {
         Flow {
             tracker,
+            span: tracing::Span::current(),
             shared,
             stats,
             tracking,
@@ -1358,6 +1362,7 @@ impl Flow {
     /// Answers to a probe: consumed, except what the server sends on its
     /// own (notifications, notices, parameter changes).
     fn probe_frame(&mut self, tag: u8, message: &[u8]) -> ServerStep {
+        let span = &self.span;
         let Some(Pending::Probe(probe)) = self.queue.front_mut() else {
             return ServerStep::Forward;
         };
@@ -1365,6 +1370,7 @@ impl Flow {
             b'E' if server_msg::error_summary(message).is_fatal() => return ServerStep::Forward,
             b'E' => {
                 tracing::warn!(
+                    parent: span,
                     error = ?server_msg::error_summary(message),
                     "the server refused Reprise's reading of the session state"
                 );
@@ -2095,6 +2101,7 @@ impl Flow {
     /// no longer vouch for the state.
     fn out_of_step(&mut self, popped: Option<Pending>) {
         tracing::warn!(
+            parent: &self.span,
             ?popped,
             "server answer out of step with the requests in flight"
         );

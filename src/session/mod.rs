@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tracing::Instrument;
 
 use crate::auth::Credential;
 use crate::backend::{self, ConnectError, ServerConnection};
@@ -72,13 +73,16 @@ enum Ending {
 }
 
 /// Runs a session whose startup packet has been read. Returns when the
-/// session is over; both sockets are closed by then.
+/// session is over; both sockets are closed by then. What the session logs
+/// goes to `span`, which is entered only around the rare steps that log:
+/// the per-message relay runs outside it.
 pub async fn run<C>(
     mut client: C,
     mut startup: StartupMessage,
     credential: Option<Credential>,
     shared: Arc<Shared>,
     id: u64,
+    span: tracing::Span,
 ) where
     C: AsyncRead + AsyncWrite + Unpin,
 {
@@ -108,7 +112,7 @@ pub async fn run<C>(
     let server = match connected {
         Ok(server) => server,
         Err(err) => {
-            tracing::warn!(backend = %backend.name, error = %err, "could not open a server connection");
+            tracing::warn!(parent: &span, backend = %backend.name, error = %err, "could not open a server connection");
             let answer = match &err {
                 ConnectError::Refused { frame, .. } => BytesMut::from(&frame[..]),
                 ConnectError::NoPassword { .. } | ConnectError::WrongCredential { .. } => {
@@ -123,7 +127,7 @@ pub async fn run<C>(
             return;
         }
     };
-    tracing::debug!(backend = %backend.name, server_pid = server.process_id, "server connection ready");
+    tracing::debug!(parent: &span, backend = %backend.name, server_pid = server.process_id, "server connection ready");
 
     let registration = shared.cancel.register(
         ClientKey {
@@ -136,19 +140,22 @@ pub async fn run<C>(
             secret_key: server.secret_key,
         },
     );
+    // Inside the span, so that the flow takes it for its own warnings.
     #[allow(unused_mut)]
-    let mut session = Session::new(
-        client,
-        Login {
-            startup,
-            credential,
-        },
-        backend,
-        server,
-        registration,
-        shared,
-        id,
-    );
+    let mut session = span.in_scope(|| {
+        Session::new(
+            client,
+            Login {
+                startup,
+                credential,
+            },
+            backend,
+            server,
+            registration,
+            shared,
+            id,
+        )
+    });
     #[cfg(feature = "fault-injection")]
     {
         session.fault = fault;
@@ -193,6 +200,8 @@ struct Session<C> {
     /// or tracking is off.
     recorder: Option<Recorder>,
     cancel: CancelHandle,
+    /// Where the session logs (see [`run`]).
+    span: tracing::Span,
     /// A cut of the server connection that a test asked for.
     #[cfg(feature = "fault-injection")]
     fault: Option<fault::Fault>,
@@ -289,6 +298,7 @@ where
             draining: false,
             recorder,
             cancel,
+            span: tracing::Span::current(),
             #[cfg(feature = "fault-injection")]
             fault: None,
         }
@@ -347,7 +357,8 @@ where
             };
             ending = self.on_event(event).err();
             if let Some(lost) = ending.as_ref().and_then(|ending| self.lost_server(ending)) {
-                ending = match self.fail_over(lost).await {
+                let span = self.span.clone();
+                ending = match self.fail_over(lost).instrument(span).await {
                     // Answers that came with the attach go on to the client.
                     Ok(()) if self.relay.from_server.is_empty() => None,
                     Ok(()) => self.on_server_data().err(),
@@ -355,7 +366,10 @@ where
                 };
             }
         }
-        self.finish(ending.unwrap_or(Ending::ClientGone)).await;
+        let span = self.span.clone();
+        self.finish(ending.unwrap_or(Ending::ClientGone))
+            .instrument(span)
+            .await;
     }
 
     /// Whether `ending` is a lost server connection the session should be
@@ -579,10 +593,11 @@ where
     }
 
     fn flush_events(&mut self) {
+        let span = &self.span;
         for event in self.flow.events.drain(..) {
             match &mut self.recorder {
                 Some(recorder) => recorder.record(event),
-                None => tracing::trace!(?event, "session state"),
+                None => tracing::trace!(parent: span, ?event, "session state"),
             }
         }
     }

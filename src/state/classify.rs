@@ -349,7 +349,8 @@ impl<'a> Cursor<'a> {
     /// Most statements of an application are like that, and one pass over
     /// the bytes is much cheaper than lexing them.
     fn rest_is_plain(&self, scan: Scan) -> bool {
-        if self.ended || self.bad || self.peeked.is_some() || self.boundary.unbalanced() {
+        // An open parenthesis would keep the `;` inside the statement.
+        if self.ended || self.bad || self.peeked.is_some() || self.boundary.is_open() {
             return false;
         }
         let rest = &self.sql[self.lexer.position()..];
@@ -1121,6 +1122,8 @@ mod tests {
             b"table t",
             b"select 1e5, 1..2, a.b from t",
             b"notify x",
+            b"( ;",
+            b"(select 1; select 2",
         ];
         for sql in cases {
             for options in [LexOptions::default(), SCS_OFF] {

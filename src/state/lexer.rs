@@ -738,6 +738,12 @@ impl Boundary {
         self.after_begin = false;
     }
 
+    /// Whether a parenthesis or a routine body is open: a `;` now would
+    /// be kept inside the statement.
+    pub(crate) fn is_open(&self) -> bool {
+        self.paren_depth > 0 || self.atomic_depth > 0
+    }
+
     /// Whether the statement swallowed a `;` and still has an open
     /// parenthesis or body: the split is then a guess.
     pub(crate) fn unbalanced(&self) -> bool {
