@@ -7,7 +7,8 @@
 //! `fsync_interval`, `always` syncs before it answers the sessions waiting
 //! for their records. Under `off` and `batch` nobody wakes the thread per
 //! record: it wakes every interval and finds the queue filled, so a
-//! session's append costs a lock and a push.
+//! session's append costs a lock and a push. A writer with nothing
+//! queued and nothing to sync sleeps until the next append wakes it.
 //!
 //! The thread also rotates segments by size and age, keeps track of where
 //! every live session's last safe point lies, writes checkpoints and
@@ -126,6 +127,9 @@ struct Queue {
     entries: Vec<Entry>,
     waiting: Vec<oneshot::Sender<()>>,
     stop: bool,
+    /// The writer sleeps with nothing to write or sync: the next append
+    /// wakes it, so that an idle journal does not poll.
+    writer_idle: bool,
 }
 
 thread_local! {
@@ -198,7 +202,8 @@ impl JournalHandle {
         } else {
             Appended::Queued
         };
-        let wake = wait || queue.bytes.len() > self.channel.wake_above;
+        let wake = wait || queue.writer_idle || queue.bytes.len() > self.channel.wake_above;
+        queue.writer_idle = false;
         drop(queue);
         if wake {
             self.channel.wake.notify_one();
@@ -408,6 +413,9 @@ impl Writer {
                 .fsync_interval
                 .clamp(Duration::from_millis(1), HOUSEKEEPING),
         };
+        let idle_wait = HOUSEKEEPING
+            .min(self.settings.checkpoint_interval)
+            .max(wait);
         // The queue's buffers go back and forth, so that neither side
         // grows new ones every cycle.
         let mut spare = Queue::default();
@@ -415,12 +423,17 @@ impl Writer {
             let stop = {
                 let mut queue = self.channel.lock();
                 if queue.entries.is_empty() && !queue.stop {
+                    // Records queued from now on find the writer asleep
+                    // and wake it; until then only housekeeping is due.
+                    let idle = !self.unsynced || self.settings.fsync == FsyncPolicy::Off;
+                    queue.writer_idle = idle;
                     queue = self
                         .channel
                         .wake
-                        .wait_timeout(queue, wait)
+                        .wait_timeout(queue, if idle { idle_wait } else { wait })
                         .unwrap_or_else(|poisoned| poisoned.into_inner())
                         .0;
+                    queue.writer_idle = false;
                 }
                 std::mem::swap(&mut queue.bytes, &mut spare.bytes);
                 std::mem::swap(&mut queue.entries, &mut spare.entries);
