@@ -83,6 +83,9 @@ pub struct Recovery {
     pub damage: Vec<Damage>,
     /// The torn tail of the newest segment, if any.
     pub torn_tail: Option<Damage>,
+    /// The zeros the writer had put ahead of its last record in the newest
+    /// segment (segment, offset, length): not damage, the journal's end.
+    pub unwritten: Option<(u64, u64, u64)>,
     /// Template definitions and the segment each was last written in.
     pub templates: HashMap<TemplateId, (Bytes, u64)>,
     /// Sessions that had not ended.
@@ -194,6 +197,20 @@ pub fn scan(
         scan.records = Vec::new();
         progress(read);
         let newest = *sequence == recovery.last_segment;
+        if newest {
+            let durable = durable_end(recovery.checkpoint.as_ref(), *sequence);
+            if let Some(tail) = scan
+                .damage
+                .last()
+                .filter(|tail| is_unwritten(tail, durable))
+            {
+                recovery.unwritten = Some((*sequence, tail.offset, tail.len));
+                if matches!(mode, Mode::Repair(_)) {
+                    truncate_tail(path, tail).map_err(io_err(path))?;
+                }
+                scan.damage.pop();
+            }
+        }
         if let Some(tail) = scan.tail_damage() {
             if newest {
                 recovery.torn_tail = Some(tail.clone());
@@ -226,6 +243,26 @@ pub fn scan(
     let highest = recovery.sessions.keys().next_back().copied().unwrap_or(0);
     recovery.next_session = recovery.next_session.max(highest + 1).max(1);
     Ok(recovery)
+}
+
+/// How far the newest checkpoint says segment `sequence` was durably
+/// written: records before that offset were acknowledged, so zeros there
+/// are damage.
+fn durable_end(checkpoint: Option<&Checkpoint>, sequence: u64) -> u64 {
+    match checkpoint {
+        Some(checkpoint) if checkpoint.written_to.segment == sequence => {
+            checkpoint.written_to.offset
+        }
+        Some(checkpoint) if checkpoint.written_to.segment > sequence => u64::MAX,
+        _ => 0,
+    }
+}
+
+/// A tail of zeros past every record the checkpoint counts as written:
+/// space the writer filled ahead of its writes (see
+/// [`writer`](super::writer)) and had not used yet.
+fn is_unwritten(tail: &Damage, durable_end: u64) -> bool {
+    tail.tail && tail.zeros && tail.offset >= HEADER_LEN as u64 && tail.offset >= durable_end
 }
 
 fn apply(recovery: &mut Recovery, scanned: &ScannedRecord) {

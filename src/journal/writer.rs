@@ -10,6 +10,15 @@
 //! session's append costs a lock and a push. A writer with nothing
 //! queued and nothing to sync sleeps until the next append wakes it.
 //!
+//! Under `batch` and `always` the writer fills the space ahead of its
+//! writes with zeros, a chunk at a time, before it writes records there:
+//! a sync then flushes data only, with no change to the file's size or
+//! block map that the file system would have to commit to its own
+//! journal. That commit is what would otherwise compete with
+//! PostgreSQL's WAL syncs on the same disk. A segment is cut back to its
+//! last record when it is closed; the zero tail a crash leaves in the
+//! newest segment is the journal's end, and recovery cuts it off.
+//!
 //! The thread also rotates segments by size and age, keeps track of where
 //! every live session's last safe point lies, writes checkpoints and
 //! deletes the segments nobody needs any more.
@@ -17,6 +26,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -371,8 +381,50 @@ struct SegmentInfo {
 struct Current {
     file: File,
     sequence: u64,
+    /// End of the last record written.
     size: u64,
+    /// End of the file: `size` plus the zeros written ahead of it.
+    allocated: u64,
     opened: Instant,
+}
+
+/// How much zeroed space the writer adds ahead of its writes at a time.
+const PREALLOCATE_CHUNK: u64 = 1024 * 1024;
+static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+
+impl Current {
+    /// Makes sure the file has written space up to `end`: zeros, a chunk
+    /// at a time, never beyond `limit` unless one record needs it.
+    fn preallocate(&mut self, end: u64, limit: u64) -> io::Result<()> {
+        if end <= self.allocated {
+            return Ok(());
+        }
+        let target = end
+            .div_ceil(PREALLOCATE_CHUNK)
+            .saturating_mul(PREALLOCATE_CHUNK)
+            .min(limit)
+            .max(end);
+        let mut at = self.allocated;
+        while at < target {
+            let len = (target - at).min(ZEROS.len() as u64) as usize;
+            self.file.write_all_at(&ZEROS[..len], at)?;
+            at += len as u64;
+        }
+        self.allocated = target;
+        Ok(())
+    }
+
+    /// Cuts the zeros ahead of the last record and makes the segment
+    /// durable as it stands.
+    fn seal(&self, sync: bool) -> io::Result<()> {
+        if self.allocated > self.size {
+            self.file.set_len(self.size)?;
+        }
+        if sync {
+            self.file.sync_all()?;
+        }
+        Ok(())
+    }
 }
 
 struct Writer {
@@ -464,6 +516,7 @@ impl Writer {
             }
             self.housekeeping(stop);
             if stop {
+                self.seal_current();
                 break;
             }
         }
@@ -556,7 +609,14 @@ impl Writer {
         let Some(current) = &mut self.current else {
             return true;
         };
-        match current.file.write_all(&self.buffer) {
+        let end = current.size + self.buffer.len() as u64;
+        let written = if self.settings.fsync == FsyncPolicy::Off {
+            Ok(())
+        } else {
+            current.preallocate(end, self.settings.segment_size)
+        }
+        .and_then(|()| current.file.write_all_at(&self.buffer, current.size));
+        match written {
             Ok(()) => {
                 current.size += self.buffer.len() as u64;
                 if let Some(info) = self.segments.get_mut(&current.sequence) {
@@ -595,11 +655,7 @@ impl Writer {
 
     /// Closes the current segment (synced) and opens the next one.
     fn rotate(&mut self) -> bool {
-        if let Some(current) = self.current.take() {
-            if self.settings.fsync != FsyncPolicy::Off {
-                let _ = current.file.sync_all();
-            }
-        }
+        self.seal_current();
         let sequence = self.next_sequence;
         let path = segment::segment_path(&self.settings.dir, sequence);
         let created_micros = now_micros();
@@ -623,6 +679,7 @@ impl Writer {
                     file,
                     sequence,
                     size: HEADER_LEN as u64,
+                    allocated: HEADER_LEN as u64,
                     opened: Instant::now(),
                 });
                 self.segments.insert(
@@ -641,6 +698,15 @@ impl Writer {
                 self.next_sequence += 1;
                 self.write_failed(&err);
                 false
+            }
+        }
+    }
+
+    /// Closes the current segment, cut back to its last record.
+    fn seal_current(&mut self) {
+        if let Some(current) = self.current.take() {
+            if let Err(err) = current.seal(self.settings.fsync != FsyncPolicy::Off) {
+                self.write_failed(&err);
             }
         }
     }
@@ -982,6 +1048,75 @@ mod tests {
         assert!(left.len() <= 2, "{left:?}");
         let recovered = recover(dir.path());
         assert!(recovered.sessions.is_empty());
+    }
+
+    #[test]
+    fn synced_segments_are_filled_ahead_and_cut_back_when_closed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let crash = tempfile::tempdir().expect("tempdir");
+        let mut synced = settings(dir.path(), FsyncPolicy::Batch);
+        synced.segment_size = 3 * PREALLOCATE_CHUNK;
+        let journal = Journal::start(synced, &Recovery::default(), Arc::new(Stats::default()))
+            .expect("start");
+        let handle = journal.handle();
+        handle.append(start(1, TemplateId::from_bytes([1; 32])));
+        for seq in 1..=10 {
+            handle.append(command(1, seq, 200));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        let file_len = |path: &std::path::Path| std::fs::metadata(path).expect("stat").len();
+        let segments = segment::list_segments(dir.path()).expect("list");
+        let (sequence, live) = segments.last().expect("a segment");
+        assert_eq!(
+            file_len(live),
+            PREALLOCATE_CHUNK,
+            "zeros ahead of the writes"
+        );
+        // What a crash now would leave: the zeros are the end, not damage.
+        for entry in std::fs::read_dir(dir.path()).expect("read_dir") {
+            let entry = entry.expect("entry");
+            std::fs::copy(entry.path(), crash.path().join(entry.file_name())).expect("copy");
+        }
+        let recovered = recover(crash.path());
+        assert!(recovered.damage.is_empty(), "{:?}", recovered.damage);
+        assert_eq!(recovered.sessions[&1].commands.len(), 10);
+        let (segment, offset, len) = recovered.unwritten.expect("unwritten tail");
+        assert_eq!((segment, offset + len), (*sequence, PREALLOCATE_CHUNK));
+        let repaired = recovery::scan(
+            crash.path(),
+            Mode::Repair(recovery::CorruptionPolicy::TolerateTail),
+            false,
+            |_| {},
+            |_| {},
+        )
+        .expect("repair");
+        assert!(repaired.torn_tail.is_none());
+        assert_eq!(
+            file_len(&segment::segment_path(crash.path(), *sequence)),
+            offset
+        );
+
+        // Past a chunk the file grows by another; a closed segment ends
+        // with its last record.
+        for seq in 11..=20_000 {
+            handle.append(command(1, seq, 200));
+        }
+        journal.stop();
+        let segments = segment::list_segments(dir.path()).expect("list");
+        assert!(segments.len() >= 2, "{segments:?}");
+        for (sequence, path) in &segments {
+            let data = std::fs::read(path).expect("read");
+            let scan = crate::journal::reader::scan_segment(*sequence, &data);
+            assert!(
+                scan.damage.is_empty(),
+                "segment {sequence}: {:?}",
+                scan.damage
+            );
+            assert_eq!(scan.valid_end, data.len() as u64);
+        }
+        let recovered = recover(dir.path());
+        assert!(recovered.unwritten.is_none());
+        assert_eq!(recovered.sessions[&1].commands.len(), 20_000);
     }
 
     #[test]

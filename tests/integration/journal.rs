@@ -435,6 +435,60 @@ fn tolerate_tail_refuses_inner_damage_and_truncates_a_torn_tail() {
 }
 
 #[test]
+fn zeros_past_the_checkpoint_end_the_newest_segment_and_zeros_elsewhere_are_damage() {
+    let clean = tempfile::tempdir().expect("tempdir");
+    let written = written_journal(clean.path());
+    let sequences: Vec<u64> = segments(clean.path()).into_keys().collect();
+    let newest = *sequences.last().expect("segments");
+    let full = segments(clean.path())[&newest].len();
+    let policy = Mode::Repair(CorruptionPolicy::TolerateTail);
+
+    // Zeros a writer put ahead of its records: the end of the journal.
+    let dir = copy_journal(clean.path());
+    damage_file(dir.path(), newest, |data| data.resize(full + 8192, 0));
+    let recovered = read_only(dir.path());
+    assert!(recovered.damage.is_empty(), "{:?}", recovered.damage);
+    assert_eq!(recovered.unwritten, Some((newest, full as u64, 8192)));
+    assert_eq!(recovered.records, written.len() as u64);
+    let repaired = recovery::scan(dir.path(), policy, true, |_| {}, |_| {}).expect("repair");
+    assert!(repaired.torn_tail.is_none());
+    assert_eq!(segments(dir.path())[&newest].len(), full, "cut back");
+
+    // Zeros over a record the checkpoint counts as written are damage.
+    let last = written.last().expect("records");
+    let dir = copy_journal(clean.path());
+    damage_file(dir.path(), newest, |data| {
+        data[last.position.offset as usize..].fill(0)
+    });
+    let recovered = read_only(dir.path());
+    assert!(recovered.unwritten.is_none());
+    let tail = recovered.torn_tail.expect("zeroed record reported");
+    assert!(tail.zeros);
+    assert_eq!((tail.segment, tail.offset), (newest, last.position.offset));
+    assert_eq!(recovered.records, written.len() as u64 - 1);
+
+    // An older segment was closed at its last record: zeros after it are
+    // damage.
+    let dir = copy_journal(clean.path());
+    let older = segments(dir.path())[&sequences[0]].len();
+    damage_file(dir.path(), sequences[0], |data| {
+        data.resize(older + 4096, 0)
+    });
+    let recovered = read_only(dir.path());
+    assert!(recovered.unwritten.is_none());
+    let inner: Vec<&Damage> = recovered.inner_damage().collect();
+    assert_eq!(inner.len(), 1, "{inner:?}");
+    assert_eq!(
+        (inner[0].segment, inner[0].offset),
+        (sequences[0], older as u64)
+    );
+    assert!(matches!(
+        recovery::scan(dir.path(), policy, true, |_| {}, |_| {}),
+        Err(RecoveryError::Damaged(_))
+    ));
+}
+
+#[test]
 fn quarantine_copies_the_damaged_bytes_aside_and_goes_on() {
     let clean = tempfile::tempdir().expect("tempdir");
     let written = written_journal(clean.path());
